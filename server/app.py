@@ -1,0 +1,201 @@
+"""The FastAPI app factory: create_app(settings) builds everything in its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api import health, infer
+from server.config import Settings
+from server.errors import AdaptserveError, status_for
+from server.services import EngineFactory, Services, default_engine_factory
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("adaptserve.access")
+
+Surface = Literal["all", "public", "admin"]
+# Paths that stay open while draining (probes and scrapes must keep working).
+ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics")
+
+
+def error_body(code: str, message: str, status: int, param: str | None = None, details=None) -> dict:
+    """One error shape for every endpoint; it is also OpenAI's (message, type, param, code)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"code": code, "message": message, "type": kind, "param": param}
+    if details is not None:
+        error["details"] = details
+    return {"error": error}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AdaptserveError)
+    async def _domain(_: Request, exc: AdaptserveError) -> JSONResponse:
+        status = status_for(exc)
+        return JSONResponse(error_body(exc.code, exc.message, status, exc.param, exc.details), status, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(p) for p in e.get("loc", ())), "message": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        first = problems[0] if problems else {"field": None, "message": "invalid request"}
+        message = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        return JSONResponse(error_body("invalid_parameter", message, 422, first["field"], problems), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return JSONResponse(
+            error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), exc.status_code),
+            exc.status_code, getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(error_body("internal_error", "internal server error", 500), 500)
+
+
+class RequestMiddleware:
+    """Request id, body cap, drain gate, per-request metrics and one JSON log line.
+
+    Plain ASGI (not BaseHTTPMiddleware) so streaming responses and client disconnects pass
+    through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, services: Services, upload_paths: tuple[str, ...] = ()):
+        self.app = app
+        self.services = services
+        self.upload_paths = upload_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        services = self.services
+        path: str = scope["path"]
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        started = time.monotonic()
+        status_holder = {"status": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def reply(status: int, body: dict, extra: dict | None = None) -> None:
+            payload = json.dumps(body).encode()
+            response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+            response_headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+            await send_with_id({"type": "http.response.start", "status": status, "headers": response_headers})
+            await send({"type": "http.response.body", "body": payload})
+
+        try:
+            if services.draining and not path.startswith(ALWAYS_OPEN):
+                await reply(503, error_body("draining", "server is shutting down", 503), {"Retry-After": "5"})
+                return
+            limit = services.settings.max_body_bytes
+            if any(path.startswith(p) for p in self.upload_paths):
+                limit = None  # uploads stream to disk under their own cap
+            length = headers.get(b"content-length")
+            if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+                await reply(413, error_body("payload_too_large", f"body larger than {limit} bytes", 413))
+                return
+            await self.app(scope, _capped(receive, limit) if limit else receive, send_with_id)
+        except _BodyTooLarge:
+            await reply(413, error_body("payload_too_large", f"body larger than {limit} bytes", 413))
+        finally:
+            self._record(scope, status_holder["status"], started, request_id)
+
+    def _record(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        if endpoint in ALWAYS_OPEN:
+            return
+        adapter = (scope.get("state") or {}).get("adapter") or "__base__"
+        elapsed = time.monotonic() - started
+        self.services.metrics.requests.labels(endpoint, adapter, str(status)).inc()
+        self.services.metrics.request_latency.labels(endpoint).observe(elapsed)
+        access_logger.info(json.dumps({
+            "request_id": request_id, "method": scope["method"], "path": scope["path"],
+            "endpoint": endpoint, "adapter": adapter, "status": status, "total_ms": round(elapsed * 1000, 1),
+        }))
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """An HTTPException so FastAPI's body parsing re-raises it instead of turning it into a 400."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+def _capped(receive: Receive, limit: int) -> Receive:
+    """Counts body bytes as they stream in; a chunked body past the cap stops at once."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge()
+        return message
+
+    return wrapped
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine_factory: EngineFactory = default_engine_factory,
+    services: Services | None = None,
+    surface: Surface = "all",
+) -> FastAPI:
+    """`surface` picks the routers: "public" (inference), "admin" (management), or both.
+
+    A second app sharing `services` serves the admin surface on its own port; only the app
+    that created the services boots and shuts them down.
+    """
+    owns_services = services is None
+    services = services or Services(settings or Settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        boot = asyncio.create_task(services.boot(engine_factory)) if owns_services else None
+        app.state.boot_task = boot
+        try:
+            yield
+        finally:
+            if boot is not None:
+                boot.cancel()
+                with contextlib.suppress(BaseException):
+                    await boot
+                services.shutdown()
+
+    app = FastAPI(
+        title="adaptserve",
+        version="0.1.0",
+        summary="Many task adapters on one resident base model.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(health.router)
+    if surface in ("all", "public"):
+        app.include_router(infer.router)
+    app.add_middleware(RequestMiddleware, services=services, upload_paths=("/v1/adapters",))
+    return app

@@ -1,0 +1,101 @@
+"""Server settings: one pydantic-settings class, built once in the app factory.
+
+Every field can be set by flag (`adaptserve serve --max-batch-size 16`) or by environment
+variable with the ADAPTSERVE_ prefix (`ADAPTSERVE_MAX_BATCH_SIZE=16`), which is what the
+Kubernetes manifests use. Nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adaptserve"
+
+
+def _user_data_dir() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "adaptserve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADAPTSERVE_", extra="forbid")
+
+    # --- where and what -------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the inference API binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the inference API.")
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in name (smollm2-135m-instruct, minilm-l6), a local HF model "
+        "directory, or a hub id (needs network).",
+    )
+    cache_dir: Path = Field(
+        default_factory=_user_cache_dir,
+        description="Where converted built-in bases are kept (the GGUF base is converted once).",
+    )
+    adapters_dir: Path = Field(
+        default_factory=lambda: _user_data_dir() / "adapters",
+        description="Adapter store: every PEFT adapter folder in it is registered at start.",
+    )
+    install_example_adapters: bool = Field(
+        True,
+        description="Copy the example adapters shipped with adaptserve into the store at start "
+        "when the store lacks them and they fit the base.",
+    )
+
+    # --- security (see SECURITY notes in README) --------------------------------------
+    admin_host: str = Field("127.0.0.1", description="Address of the admin listener (with admin_port).")
+    admin_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve adapter management on its own listener; None = on the main port."
+    )
+    admin_token: SecretStr | None = Field(None, description="Bearer token for adapter management.")
+    admin_token_file: Path | None = Field(None, description="File holding the admin token (a mounted secret).")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Bearer keys for inference; empty = inference is open."
+    )
+    api_keys_file: Path | None = Field(None, description="File with one inference key per line (a mounted secret).")
+    insecure: bool = Field(
+        False, description="Allow a non-loopback bind without an admin token (logs a loud warning)."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running requests may finish before exit."
+    )
+
+    # --- the base model -------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    quantize: Literal["auto", "none", "int8", "nf4"] = Field(
+        "auto", description="bitsandbytes quantization of the base; auto = nf4 on CUDA, none on CPU."
+    )
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores.")
+
+    # --- engine capacity ------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Rows decoded together per step.")
+    max_prefill_tokens: int = Field(
+        2048, ge=16, description="Prompt tokens admitted per engine step (keeps decoding rows flowing)."
+    )
+    max_queue: int = Field(256, ge=1, description="Requests waiting beyond this get 429.")
+    max_device_adapters: int = Field(
+        16, ge=1, le=1024, description="Adapter slots in the device pool (LRU beyond this)."
+    )
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="Adapters with a larger r are refused.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline per request; past it the row is freed.")
+
+    # --- request caps, checked before any work ----------------------------------------
+    max_new_tokens_limit: int = Field(1024, ge=1, description="Largest max_new_tokens a request may ask.")
+    default_max_new_tokens: int = Field(64, ge=1, description="max_new_tokens when a request gives none.")
+    max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted (also bounded by the context).")
+    max_stop_sequences: int = Field(4, ge=0, description="Stop strings per request.")
+    max_stop_length: int = Field(64, ge=1, description="Characters per stop string.")
+    max_classify_inputs: int = Field(64, ge=1, description="Texts per classify call.")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest JSON request body.")
+
+    # --- observability --------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")

@@ -1,0 +1,132 @@
+"""The engine contract: typed, immutable values that cross the scheduler/engine seam.
+
+Nothing here imports torch, so the HTTP layer and the scheduler can use these types while
+`server/engine` stays the only place that touches tensors. A different engine (a remote
+one, a fake in tests) implements `Engine` and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class AdapterBinding:
+    """Which adapter version a request runs on, fixed when the request is admitted.
+
+    `package` is the loaded AdapterPackage (opaque here); `key` is its content hash, so a
+    new version under the same name is a different binding and can never be confused.
+    """
+
+    name: str
+    version: str
+    key: str
+    package: Any
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    adapter: AdapterBinding | None = None
+    deadline: float | None = None  # time.monotonic() past which the row is freed
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    text: str  # newly decoded text (may be empty while a stop string could still match)
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class ClassifyItem:
+    text: str
+    adapter: AdapterBinding
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    label: str
+    score: float
+    scores: dict[str, float]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    base_id: str
+    kind: Literal["decoder", "encoder"]
+    max_context: int
+    device: str
+    dtype: str
+    quantization: str
+    max_device_adapters: int
+    has_chat_template: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """Runs on one thread (the scheduler's); never called from the event loop."""
+
+    info: EngineInfo
+    signature: Any  # adapters.signature.BaseSignature: what adapters are validated against
+
+    def tokenize(self, prompt: str | None, messages: Sequence[dict[str, str]] | None) -> list[int]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def add(self, request: GenerationRequest) -> None:
+        """Queue a request; it joins the running batch at the next step boundary."""
+
+    def cancel(self, request_id: str, reason: FinishReason) -> None:
+        """Drop a waiting or running request at the next step; it emits a final event."""
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests (prefill), decode one token for every running row."""
+
+    def abort_all(self, error: str) -> list[TokenEvent]:
+        """After a failed step: drop every waiting and running request, one final event each."""
+
+    def classify(self, items: Sequence[ClassifyItem]) -> list[ClassifyResult]: ...
+
+    def load_adapter(self, adapter: AdapterBinding) -> None:
+        """Make an adapter resident in a device slot (no-op when it already is)."""
+
+    def evict_adapter(self, key: str) -> None:
+        """Free an adapter's slot once no running row uses it."""
+
+    def resident_adapters(self) -> dict[str, bool]:
+        """key -> in use by a running row (for metrics and the cache table)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Snapshot: running, waiting, kv_tokens, kv_capacity_tokens, running_adapters,
+        waiting_adapters (names), resident_adapter_keys. Safe to call from any thread."""

@@ -1,0 +1,104 @@
+"""Domain errors and the one table that maps them to HTTP.
+
+Handlers and services raise these; `install_error_handlers` turns each into
+`{"error": {"code", "message", ...}}` with the status from ERROR_STATUS. Nothing else in
+the server picks status codes for domain failures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AdaptserveError(Exception):
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, details: Any = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+        self.headers = headers or {}
+
+
+class AdapterNotFound(AdaptserveError):
+    code = "adapter_not_found"
+
+
+class AdapterVersionNotFound(AdaptserveError):
+    code = "adapter_version_not_found"
+
+
+class AdapterRejected(AdaptserveError):
+    """Validation found problems; `details` lists every one."""
+
+    code = "adapter_invalid"
+
+
+class AdapterTaskMismatch(AdaptserveError):
+    code = "adapter_task_mismatch"
+
+
+class UnsupportedForBase(AdaptserveError):
+    code = "unsupported_for_base"
+
+
+class InvalidParameter(AdaptserveError):
+    code = "invalid_parameter"
+
+
+class LimitExceeded(AdaptserveError):
+    code = "limit_exceeded"
+
+
+class PayloadTooLarge(AdaptserveError):
+    code = "payload_too_large"
+
+
+class QueueFull(AdaptserveError):
+    code = "queue_full"
+
+
+class NotReady(AdaptserveError):
+    code = "not_ready"
+
+
+class Unauthorized(AdaptserveError):
+    code = "unauthorized"
+
+
+class Forbidden(AdaptserveError):
+    code = "forbidden"
+
+
+class AdapterConflict(AdaptserveError):
+    code = "adapter_conflict"
+
+
+class InsufficientStorage(AdaptserveError):
+    code = "insufficient_storage"
+
+
+ERROR_STATUS: dict[type[AdaptserveError], int] = {
+    AdapterNotFound: 404,
+    AdapterVersionNotFound: 404,
+    AdapterRejected: 422,
+    AdapterTaskMismatch: 400,
+    UnsupportedForBase: 400,
+    InvalidParameter: 422,
+    LimitExceeded: 422,
+    PayloadTooLarge: 413,
+    QueueFull: 429,
+    NotReady: 503,
+    Unauthorized: 401,
+    Forbidden: 403,
+    AdapterConflict: 409,
+    InsufficientStorage: 507,
+}
+
+
+def status_for(error: AdaptserveError) -> int:
+    for cls in type(error).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return 500

@@ -1,0 +1,129 @@
+"""Services: everything the app builds at start, held on app.state.
+
+Boot runs in the background so /healthz answers while the base loads; /readyz turns 200
+only after the base is loaded, the store scanned and one warm-up generation has run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from adapters.manifest import MANIFEST_FILE, AdapterManifest
+from adapters.validate import AdapterLimits
+from server.config import Settings
+from server.contract import Engine, EngineInfo, GenerationRequest, SamplingParams
+from server.inference import InferenceService
+from server.metrics import Metrics
+from server.registry import Registry
+from server.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# Builds the engine from settings; blocking (loads weights). Tests pass one for tiny models.
+EngineFactory = Callable[[Settings], Engine]
+
+EXAMPLE_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters" / "examples"
+
+
+def default_engine_factory(settings: Settings) -> Engine:
+    from server.engine.factory import build_engine  # torch stays out of the API's imports
+
+    return build_engine(settings)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None
+    scheduler: Scheduler | None = None
+    registry: Registry | None = None
+    inference: InferenceService | None = None
+    ready: bool = False
+    draining: bool = False
+    boot_error: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    async def boot(self, engine_factory: EngineFactory) -> None:
+        try:
+            self.engine = await asyncio.to_thread(engine_factory, self.settings)
+            signature = self.engine.signature
+            limits = AdapterLimits(max_rank=self.settings.max_lora_rank)
+            self.registry = Registry(self.settings.adapters_dir, signature, limits)
+            if self.settings.install_example_adapters:
+                await asyncio.to_thread(install_example_adapters, self.settings.adapters_dir, signature.canonical_id)
+            await asyncio.to_thread(self.registry.scan)
+            self.scheduler = Scheduler(self.engine, self.settings.max_queue)
+            self.scheduler.start()
+            self.inference = InferenceService(
+                self.settings, self.engine.info, self.engine, self.registry, self.scheduler, self.metrics
+            )
+            await self._warm_up()
+        except Exception as exc:
+            self.boot_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("start-up failed")
+            raise
+        self.ready = True
+        logger.info("ready in %.1f s: base %s, %d adapters", time.monotonic() - self.started_at,
+                    self.engine.info.base_id, len(self.registry.entries))
+
+    async def _warm_up(self) -> None:
+        """One tiny generation so the first user request doesn't pay for lazy init."""
+        if self.engine.info.kind != "decoder":
+            return
+        prompt_ids = await asyncio.to_thread(self.engine.tokenize, "Hello", None)
+        request = GenerationRequest(self.scheduler.new_request_id(), tuple(prompt_ids), SamplingParams(max_new_tokens=2))
+        async for _ in self.scheduler.generate(request):
+            pass
+
+    def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        if self.registry is not None:
+            m.adapters_registered.set(len(self.registry.entries))
+            m.adapters_rejected.set(len(self.registry.rejected))
+        if self.engine is None:
+            return
+        stats = self.engine.stats()
+        base = self.engine.info.base_id
+        m.queue_depth.set(stats.get("waiting", 0))
+        m.running_rows.set(stats.get("running", 0))
+        m.vllm_waiting.labels(base).set(stats.get("waiting", 0))
+        m.vllm_running.labels(base).set(stats.get("running", 0))
+        capacity = stats.get("kv_capacity_tokens") or 1
+        m.vllm_kv_usage.labels(base).set(stats.get("kv_tokens", 0) / capacity)
+        m.set_lora_info(
+            self.engine.info.max_device_adapters,
+            stats.get("running_adapters", []),
+            stats.get("waiting_adapters", []),
+        )
+
+
+def install_example_adapters(store: Path, base_id: str) -> None:
+    """Copy shipped example adapters made for this base into the store, once, atomically."""
+    if not EXAMPLE_ADAPTERS_DIR.is_dir():
+        return
+    store.mkdir(parents=True, exist_ok=True)
+    for source in sorted(p for p in EXAMPLE_ADAPTERS_DIR.iterdir() if (p / MANIFEST_FILE).is_file()):
+        manifest = AdapterManifest.from_dict(json.loads((source / MANIFEST_FILE).read_text()))
+        if manifest.base_model != base_id or (store / source.name).exists():
+            continue
+        staging = store / f".{source.name}.installing"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+        staging.rename(store / source.name)
+        logger.info("installed example adapter %s into %s", source.name, store)
