@@ -38,7 +38,11 @@ def _kustomize_command() -> list[str] | None:
 def render() -> Callable[[Path], list[Manifest]]:
     command = _kustomize_command()
     if command is None:
-        message = "neither kustomize nor kubectl is on PATH (Debian: apt-get install kubectl)"
+        # Debian's kubernetes-client is too old (kustomize v2: no components or labels).
+        message = (
+            "neither kustomize (v5) nor kubectl (1.27+) is on PATH; e.g. "
+            "go install sigs.k8s.io/kustomize/kustomize/v5@latest"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
