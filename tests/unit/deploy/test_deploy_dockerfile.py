@@ -158,11 +158,13 @@ def test_entrypoint_is_adaptserve_serve_under_an_init():
     assert json.loads(cmd) == ["serve"]
 
 
-def test_the_subcommands_the_image_and_manifests_run_exist():
+@pytest.mark.parametrize("command", ["serve", "prepare-base", "train", "push"])
+def test_the_entry_point_knows_the_subcommands_the_image_and_manifests_run(command, capsys):
+    # serve: CMD and the Deployment; prepare-base: the build; train, push: the trainer Job.
     cli = pytest.importorskip("server.cli")
-    parser = cli.build_parser()
-    for argv in (["serve"], ["prepare-base"]):
-        parser.parse_args(argv)  # SystemExit (a failure) on an unknown subcommand
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0, capsys.readouterr().err
 
 
 def test_dockerignore_admits_exactly_what_the_build_copies():
