@@ -9,6 +9,7 @@ events come back to each request's asyncio queue. A request whose consumer goes 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -142,6 +143,19 @@ class Scheduler:
 
         self._post(run)
         return await future
+
+    def call_blocking(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """`call` for code without an event loop (tools, tests): blocks the calling thread."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._post(run)
+        return future.result(timeout)
 
     async def classify(self, items: Sequence[ClassifyItem]) -> list[ClassifyResult]:
         return await self.call(lambda: self.engine.classify(items))

@@ -1,0 +1,218 @@
+"""Shared fixtures: tiny randomly initialised models built offline, PEFT adapters made
+with plain PEFT, and a real uvicorn server on loopback running create_app.
+
+Everything is built in tmp dirs; nothing reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "adapters change what a small model says",
+    "paris is the capital of france and berlin of germany",
+    "i love this product it is great",
+    "this is terrible and i hate it",
+    "one two three four five six seven eight nine ten",
+    "select name from users where id = 1",
+]
+
+
+def build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_llama(directory: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init at 0.02 std gives near-uniform logits; larger weights give varied greedy text.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_bert(directory: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(1)
+    tokenizer = build_tokenizer(directory)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        architectures=["BertModel"],
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def make_lora(base_dir: Path, out_dir: Path, *, task: str = "CAUSAL_LM", r: int = 4, targets=("q_proj", "v_proj"),
+              seed: int = 0, num_labels: int = 3, use_rslora: bool = False, alpha: int | None = None,
+              labels: list[str] | None = None, weight_scale: float = 1.0) -> Path:
+    """A PEFT adapter with random (non-zero) A and B, saved with plain PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if task == "CAUSAL_LM":
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+        if labels:
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {v: k for k, v in enumerate(labels)}
+    config = LoraConfig(
+        r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets) if not isinstance(targets, str) else targets,
+        init_lora_weights=False, task_type=task, use_rslora=use_rslora,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(weight_scale)
+    peft_model.save_pretrained(out_dir)
+    if labels:
+        (out_dir / "config.json").write_text(json.dumps({"id2label": dict(enumerate(labels))}))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """A store with two generation adapters (different ranks, one rsLoRA) and a classifier."""
+    store = tmp_path_factory.mktemp("llama-adapters")
+    return {
+        "gen-a": make_lora(tiny_llama, store / "gen-a", r=4, seed=1, weight_scale=3.0),
+        "gen-b": make_lora(tiny_llama, store / "gen-b", r=8, seed=2, use_rslora=True,
+                           targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                           weight_scale=3.0),
+        "sentiment": make_lora(tiny_llama, store / "sentiment", task="SEQ_CLS", r=4, seed=3,
+                               labels=["negative", "neutral", "positive"]),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: object
+    server: object
+    thread: threading.Thread
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+    @property
+    def services(self):
+        return self.app.state.services
+
+
+def start_server(settings, timeout: float = 120.0, **app_kwargs) -> RunningServer:
+    """create_app + uvicorn on a free loopback port in a thread; returns once /readyz is 200."""
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = settings.model_copy(update={"port": settings.port or free_port()})
+    app = create_app(settings, **app_kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url + "/readyz", timeout=2)
+            if response.status_code == 200:
+                return RunningServer(url, app, server, thread)
+            if response.json().get("status") == "failed":
+                raise RuntimeError(response.text)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("server did not become ready")
+
+
+def stop_server(running: RunningServer) -> None:
+    running.server.should_exit = True
+    running.thread.join(timeout=30)
+
+
+def tiny_settings(base: Path, adapters_dir: Path, tmp: Path, **overrides):
+    from server.config import Settings
+
+    values = dict(base_model=str(base), adapters_dir=adapters_dir, cache_dir=tmp / "cache",
+                  install_example_adapters=False, port=0, max_batch_size=8, max_new_tokens_limit=64)
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def llama_server(tiny_llama, llama_adapters, tmp_path_factory):
+    """A server on the tiny Llama with the adapters above plus one invalid folder."""
+    store = next(iter(llama_adapters.values())).parent
+    bad = store / "broken"
+    bad.mkdir(exist_ok=True)
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 0, "auto_map": {"x": "y"}}))
+    (bad / "adapter_model.bin").write_bytes(b"not really a pickle")
+    running = start_server(tiny_settings(tiny_llama, store, tmp_path_factory.mktemp("srv")))
+    yield running
+    stop_server(running)
