@@ -48,6 +48,25 @@ class Settings(BaseSettings):
         "when the store lacks them and they fit the base.",
     )
 
+    # --- adapter lifecycle: uploads, cache tiers, replicas ------------------------------
+    max_upload_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="Largest adapter upload (multipart body or archive, and an archive's unpacked files).",
+    )
+    cpu_cache_bytes: int = Field(
+        2 * 1024**3, ge=0,
+        description="Host-memory budget for validated adapter tensors (LRU beyond it; pinned stay).",
+    )
+    device_cache_bytes: int | None = Field(
+        None, ge=0,
+        description="Budget for adapter bytes resident in device slots (LRU beyond it; pinned stay); "
+        "None = only max_device_adapters bounds the slot pool.",
+    )
+    store_poll_interval_s: float = Field(
+        1.0, gt=0, le=60,
+        description="How often the adapter store is rescanned, so replicas sharing it converge.",
+    )
+
     # --- security (see SECURITY notes in README) --------------------------------------
     admin_host: str = Field("127.0.0.1", description="Address of the admin listener (with admin_port).")
     admin_port: int | None = Field(

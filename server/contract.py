@@ -124,6 +124,9 @@ class Engine(Protocol):
     def evict_adapter(self, key: str) -> None:
         """Free an adapter's slot once no running row uses it."""
 
+    def hold_adapter(self, key: str, held: bool) -> bool:
+        """Pin (held=True) or release a resident adapter; False when it is not resident."""
+
     def resident_adapters(self) -> dict[str, bool]:
         """key -> in use by a running row (for metrics and the cache table)."""
 

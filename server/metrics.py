@@ -47,6 +47,32 @@ class Metrics:
         self.adapters_rejected = Gauge(
             "adaptserve_adapters_rejected", "Adapter folders in the store that failed validation.", registry=r
         )
+        # Adapter lifecycle: tier = stored (disk) | cpu (host memory) | device (engine slots).
+        self.adapter_load_seconds = Histogram(
+            "adaptserve_adapter_load_seconds", "Time to bring an adapter into a tier (cpu: read + validate; "
+            "device: copy into a slot).", ["tier"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.adapter_cache_hits = Counter(
+            "adaptserve_adapter_cache_hits", "Adapter requests that found it already in the tier.", ["tier"], registry=r
+        )
+        self.adapter_cache_misses = Counter(
+            "adaptserve_adapter_cache_misses", "Adapter requests that had to load it into the tier.", ["tier"],
+            registry=r,
+        )
+        self.adapter_cache_evictions = Counter(
+            "adaptserve_adapter_cache_evictions", "Adapters evicted from a tier (budget, unload or delete).",
+            ["tier"], registry=r,
+        )
+        self.adapters_resident = Gauge(
+            "adaptserve_adapters_resident", "Adapter versions present in each tier.", ["tier"], registry=r
+        )
+        self.adapter_resident_bytes = Gauge(
+            "adaptserve_adapter_resident_bytes", "Adapter bytes held in each tier.", ["tier"], registry=r
+        )
+        self.adapter_uploads = Counter(
+            "adaptserve_adapter_uploads", "Adapter uploads by outcome (created, unchanged, rejected, too_large, "
+            "error).", ["outcome"], registry=r,
+        )
         self.queue_depth = Gauge("adaptserve_queue_depth", "Requests waiting for a batch row.", registry=r)
         self.running_rows = Gauge("adaptserve_running_rows", "Rows in the running batch.", registry=r)
 

@@ -1,8 +1,16 @@
-"""Adapter registry: name -> versions -> state. The only writer of adapter state.
+"""Adapter registry: name -> versions -> tier. The only writer of adapter state.
 
-Versions are content-addressed (sha256 of config + weights), so a binding made for one
-request can never silently point at other bytes. Validation and file reads run in a worker
-thread, never on the event loop and never on the engine thread.
+The store (disk, possibly shared by replicas) is the source of truth for which versions
+exist, which one is current and what is pinned; this process mirrors it by rescanning
+every `store_poll_interval_s`, so changes made through any replica converge here. On top
+it keeps two memory tiers, each LRU under a byte budget, pinned adapters exempt:
+
+    stored --(read + validate, worker thread)--> cpu --(copy into a slot, engine thread)--> device
+
+Versions are content-addressed (sha256 of config + weights) and a binding holds its
+package, so a request keeps the exact bytes it started with while a new version, a
+rollback or a delete changes what later requests get. Registry state is mutated only on
+the event loop; file IO and validation run in worker threads.
 """
 
 from __future__ import annotations
@@ -13,13 +21,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from adapters.manifest import CONFIG_FILE, AdapterManifest
+from adapters.manifest import AdapterManifest
 from adapters.package import AdapterInvalid, AdapterPackage
 from adapters.signature import BaseSignature
+from adapters.store import AdapterStore, StoredAdapter, StoredVersion, StoreError
 from adapters.validate import AdapterLimits, load_adapter_dir
-from server.contract import AdapterBinding
-from server.errors import AdapterNotFound, AdapterVersionNotFound
+from server.contract import AdapterBinding, Engine
+from server.errors import AdapterConflict, AdapterNotFound, AdapterRejected, AdapterVersionNotFound
+from server.metrics import Metrics
+from server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +51,21 @@ class AdapterVersion:
     requests: int = 0
     last_used: float | None = None
 
+    @property
+    def key(self) -> str:
+        return self.manifest.sha256
+
+    @property
+    def nbytes(self) -> int:
+        return self.package.nbytes if self.package is not None else self.manifest.size_bytes
+
 
 @dataclass
 class AdapterEntry:
     name: str
     versions: dict[str, AdapterVersion] = field(default_factory=dict)
     current: str | None = None
+    pinned: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,6 +73,7 @@ class RejectedAdapter:
     name: str
     directory: Path
     problems: tuple[str, ...]
+    version: str = ""
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -60,37 +82,155 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, version or None
 
 
+class DeviceTier:
+    """The engine's slot pool as the registry sees it; every call runs on the engine thread."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler):
+        self.engine = engine
+        self.scheduler = scheduler
+
+    def resident(self) -> list[str]:
+        # The engine's own snapshot: readable from the event loop without a round trip.
+        return list(self.engine.stats().get("resident_adapter_keys", []))
+
+    async def load(self, binding: AdapterBinding) -> bool:
+        try:
+            await self.scheduler.call(lambda: self.engine.load_adapter(binding))
+        except Exception as exc:
+            # Every slot busy (or a failed copy): admission loads it again later and either
+            # waits for a slot or fails that request, so nothing is lost by deferring here.
+            logger.info("device load of %s@%s deferred to admission: %s", binding.name, binding.version, exc)
+            return False
+        return True
+
+    async def evict(self, key: str) -> bool:
+        """False when a running row still uses it (the engine keeps it until the row ends)."""
+
+        def evict() -> bool:
+            self.engine.evict_adapter(key)
+            return key not in self.engine.resident_adapters()
+
+        return await self.scheduler.call(evict)
+
+    async def hold(self, key: str, held: bool) -> bool:
+        return await self.scheduler.call(lambda: self.engine.hold_adapter(key, held))
+
+
 class Registry:
-    def __init__(self, root: Path, signature: BaseSignature, limits: AdapterLimits):
-        self.root = root
+    def __init__(
+        self,
+        store: AdapterStore,
+        signature: BaseSignature,
+        limits: AdapterLimits,
+        *,
+        cpu_budget_bytes: int,
+        device_budget_bytes: int | None = None,
+        metrics: Metrics | None = None,
+    ):
+        self.store = store
         self.signature = signature
         self.limits = limits
+        self.cpu_budget_bytes = cpu_budget_bytes
+        self.device_budget_bytes = device_budget_bytes
+        self.metrics = metrics or Metrics()
+        self.device: DeviceTier | None = None  # attached once the scheduler runs
         self.entries: dict[str, AdapterEntry] = {}
         self.rejected: dict[str, RejectedAdapter] = {}
+        self._rejected_versions: set[tuple[str, str]] = set()
+        self._held: set[str] = set()  # device keys the engine holds for a pin
+        self._loading: dict[str, asyncio.Task[AdapterPackage]] = {}
+        self._refresh_lock = asyncio.Lock()
+        self._enforce_lock = asyncio.Lock()
 
-    def scan(self) -> None:
-        """Register every PEFT adapter folder under root; invalid ones are logged and skipped."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        for directory in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if (directory / CONFIG_FILE).exists():
-                self._register_folder(directory.name, directory)
+    # --- mirroring the store ----------------------------------------------------------------
 
-    def _register_folder(self, name: str, directory: Path) -> None:
+    async def refresh(self) -> None:
+        """Bring this process's view in line with the store, then apply the budgets and pins."""
+        async with self._refresh_lock:
+            snapshot = await asyncio.to_thread(self.store.snapshot)
+            validated: dict[tuple[str, str], AdapterPackage] = {}
+            for stored in snapshot.values():
+                for version in stored.versions.values():
+                    if self._known(stored.name, version.version):
+                        continue
+                    if version.manifest is None:
+                        # A hand-dropped folder: validated now, so a bad one is reported at once.
+                        package = await asyncio.to_thread(self._validate_folder, version)
+                        if package is not None:
+                            validated[(stored.name, version.version)] = package
+                    elif version.manifest.base_fingerprint != self.signature.fingerprint:
+                        self._reject(version, [
+                            f"stored for a base with fingerprint {version.manifest.base_fingerprint}, "
+                            f"this server's base is {self.signature.fingerprint}"
+                        ])
+            self._apply(snapshot, validated)
+        await self._enforce()
+
+    def _known(self, name: str, version: str) -> bool:
+        entry = self.entries.get(name)
+        return (entry is not None and version in entry.versions) or (name, version) in self._rejected_versions
+
+    def _validate_folder(self, version: StoredVersion) -> AdapterPackage | None:
         try:
-            package = load_adapter_dir(directory, name, self.signature, self.limits)
+            package = load_adapter_dir(version.directory, version.name, self.signature, self.limits)
         except AdapterInvalid as exc:
-            self.rejected[name] = RejectedAdapter(name, directory, tuple(exc.problems))
-            logger.warning("adapter %s skipped: %s", name, "; ".join(exc.problems))
-            return
+            self._reject(version, exc.problems)
+            return None
         for warning in package.warnings:
-            logger.warning("adapter %s: %s", name, warning)
-        version = package.manifest.version
-        entry = self.entries.setdefault(name, AdapterEntry(name))
-        entry.versions[version] = AdapterVersion(package.manifest, directory, package, package.warnings)
-        entry.current = version
-        self.rejected.pop(name, None)
-        logger.info("adapter %s registered (%s, r=%d, %s)", package.manifest.ref, package.manifest.task,
-                    package.manifest.rank, package.manifest.peft_type)
+            logger.warning("adapter %s: %s", version.name, warning)
+        return package
+
+    def _reject(self, version: StoredVersion, problems: list[str]) -> None:
+        # Folders keep their name as key; store versions are told apart by version.
+        key = version.name if version.manifest is None else f"{version.name}@{version.version}"
+        self.rejected[key] = RejectedAdapter(version.name, version.directory, tuple(problems), version.version)
+        self._rejected_versions.add((version.name, version.version))
+        logger.warning("adapter %s skipped: %s", key, "; ".join(problems))
+
+    def _apply(self, snapshot: dict[str, StoredAdapter], validated: dict[tuple[str, str], AdapterPackage]) -> None:
+        for name in list(self.entries):
+            if name not in snapshot:
+                del self.entries[name]
+                logger.info("adapter %s removed", name)
+        self._rejected_versions &= {(n, v) for n, s in snapshot.items() for v in s.versions}
+        self.rejected = {k: r for k, r in self.rejected.items() if (r.name, r.version) in self._rejected_versions}
+        for name, stored in snapshot.items():
+            entry = self.entries.get(name) or AdapterEntry(name)
+            for version in list(entry.versions):
+                if version not in stored.versions:
+                    del entry.versions[version]
+                    logger.info("adapter %s@%s removed", name, version)
+            for version, item in stored.versions.items():
+                if version in entry.versions or (name, version) in self._rejected_versions:
+                    continue
+                package = validated.get((name, version))
+                manifest = package.manifest if package is not None else item.manifest
+                entry.versions[version] = AdapterVersion(
+                    manifest, item.directory, package, package.warnings if package else ()
+                )
+                logger.info("adapter %s registered (%s, r=%d)", manifest.ref, manifest.task, manifest.rank)
+            if not entry.versions:
+                self.entries.pop(name, None)
+                continue
+            current = stored.current if stored.current in entry.versions else None
+            if current is None:
+                current = max(entry.versions.values(), key=lambda v: v.manifest.created_at or 0).manifest.version
+            if entry.current is not None and entry.current != current:
+                logger.info("adapter %s: current version %s -> %s", name, entry.current, current)
+            entry.current = current
+            entry.pinned = stored.pinned
+            self.entries[name] = entry
+
+    async def watch(self, interval_s: float) -> None:
+        """Rescan forever; a failed scan (a flaky network volume) is logged and retried."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                logger.exception("adapter store rescan failed; retrying")
+
+    # --- resolving requests ---------------------------------------------------------------
 
     def lookup(self, ref: str) -> AdapterVersion:
         name, version = parse_ref(ref)
@@ -103,13 +243,251 @@ class Registry:
         return chosen
 
     async def bind(self, ref: str) -> AdapterBinding:
-        """Resolve `ref` to one immutable version, reading it into the CPU tier if needed."""
+        """Resolve `ref` to one immutable version, bringing it up to the device tier if needed."""
         chosen = self.lookup(ref)
-        if chosen.package is None:
-            chosen.package = await asyncio.to_thread(
-                load_adapter_dir, chosen.directory, chosen.manifest.name, self.signature, self.limits
-            )
+        was_stored = chosen.package is None
+        package = await self._ensure_cpu(chosen)
         chosen.requests += 1
         chosen.last_used = time.time()
-        manifest = chosen.manifest
-        return AdapterBinding(manifest.name, manifest.version, manifest.sha256, chosen.package)
+        manifest = package.manifest
+        binding = AdapterBinding(manifest.name, manifest.version, manifest.sha256, package)
+        if await self._ensure_device(binding) or was_stored:
+            await self._enforce()
+        return binding
+
+    async def _ensure_cpu(self, chosen: AdapterVersion) -> AdapterPackage:
+        if chosen.package is not None:
+            self.metrics.adapter_cache_hits.labels("cpu").inc()
+            return chosen.package
+        self.metrics.adapter_cache_misses.labels("cpu").inc()
+        key = chosen.key
+        task = self._loading.get(key)
+        if task is None:
+            # One read per version however many requests ask for it at once.
+            task = asyncio.create_task(self._load(chosen))
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, chosen: AdapterVersion) -> AdapterPackage:
+        started = time.monotonic()
+        try:
+            package = await asyncio.to_thread(
+                load_adapter_dir, chosen.directory, chosen.manifest.name, self.signature, self.limits
+            )
+        except AdapterInvalid as exc:
+            raise AdapterRejected(
+                f"stored adapter {chosen.manifest.ref} failed validation", details=exc.problems, param="adapter"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise AdapterNotFound(f"adapter {chosen.manifest.ref} was deleted", param="adapter") from exc
+        if package.key != chosen.key:
+            raise AdapterRejected(f"stored adapter {chosen.manifest.ref} does not match its content hash",
+                                  param="adapter")
+        self.metrics.adapter_load_seconds.labels("cpu").observe(time.monotonic() - started)
+        chosen.package = package
+        return package
+
+    async def _ensure_device(self, binding: AdapterBinding) -> bool:
+        """True when this call copied the adapter into a slot."""
+        if self.device is None:
+            return False
+        if binding.key in self.device.resident():
+            self.metrics.adapter_cache_hits.labels("device").inc()
+            return False
+        self.metrics.adapter_cache_misses.labels("device").inc()
+        started = time.monotonic()
+        if not await self.device.load(binding):
+            return False
+        self.metrics.adapter_load_seconds.labels("device").observe(time.monotonic() - started)
+        return True
+
+    # --- budgets and pins -------------------------------------------------------------------
+
+    def _versions(self) -> list[tuple[AdapterEntry, AdapterVersion]]:
+        return [(e, v) for e in self.entries.values() for v in e.versions.values()]
+
+    def _pinned_keys(self) -> set[str]:
+        return {e.versions[e.current].key for e in self.entries.values() if e.pinned and e.current in e.versions}
+
+    async def _enforce(self) -> None:
+        """Warm pinned adapters, then evict least recently used ones past each tier's budget."""
+        for entry in list(self.entries.values()):
+            version = entry.versions.get(entry.current) if entry.pinned else None
+            if version is not None and (version.package is None or self._not_resident(version.key)):
+                await self._warm(version)  # idempotent, so safe outside the lock
+        # One pass at a time: two interleaved passes would both pin-hold the same slot.
+        async with self._enforce_lock:
+            await self._evict()
+
+    async def _evict(self) -> None:
+        pinned = self._pinned_keys()
+        by_lru = sorted(self._versions(), key=lambda ev: ev[1].last_used or 0.0)
+        cpu = [v for _, v in by_lru if v.package is not None]
+        total = sum(v.package.nbytes for v in cpu)
+        for version in cpu:
+            if total <= self.cpu_budget_bytes:
+                break
+            if version.key in pinned:
+                continue
+            total -= version.package.nbytes
+            # In-flight bindings still hold the package; memory is freed when they finish.
+            version.package = None
+            self.metrics.adapter_cache_evictions.labels("cpu").inc()
+            logger.info("adapter %s left the cpu tier", version.manifest.ref)
+
+        if self.device is not None:
+            await self._enforce_device(by_lru, pinned)
+        self._export_gauges()
+
+    def _not_resident(self, key: str) -> bool:
+        return self.device is not None and key not in self.device.resident()
+
+    async def _warm(self, version: AdapterVersion) -> None:
+        try:
+            package = await self._ensure_cpu(version)
+        except (AdapterRejected, AdapterNotFound):
+            logger.exception("pinned adapter %s cannot be loaded", version.manifest.ref)
+            return
+        manifest = package.manifest
+        await self._ensure_device(AdapterBinding(manifest.name, manifest.version, manifest.sha256, package))
+
+    async def _enforce_device(self, by_lru: list[tuple[AdapterEntry, AdapterVersion]], pinned: set[str]) -> None:
+        resident = set(self.device.resident())
+        for key in self._held - pinned:
+            await self.device.hold(key, False)
+            self._held.discard(key)
+        for key in (pinned & resident) - self._held:
+            if await self.device.hold(key, True):
+                self._held.add(key)
+        known = {v.key: v for _, v in by_lru}
+        # Slots of deleted versions: freed now (the engine keeps any a running row still uses).
+        for key in resident - known.keys():
+            if await self.device.evict(key):
+                self.metrics.adapter_cache_evictions.labels("device").inc()
+        if self.device_budget_bytes is None:
+            return
+        resident = set(self.device.resident())
+        total = sum(known[k].nbytes for k in resident if k in known)
+        for _, version in by_lru:
+            if total <= self.device_budget_bytes:
+                break
+            if version.key not in resident or version.key in pinned:
+                continue
+            if await self.device.evict(version.key):
+                total -= version.nbytes
+                self.metrics.adapter_cache_evictions.labels("device").inc()
+                logger.info("adapter %s left the device tier", version.manifest.ref)
+
+    def tier(self, version: AdapterVersion) -> AdapterTier:
+        if self.device is not None and version.key in self.device.resident():
+            return AdapterTier.DEVICE
+        return AdapterTier.CPU if version.package is not None else AdapterTier.STORED
+
+    def _export_gauges(self) -> None:
+        m = self.metrics
+        counts = {tier: 0 for tier in AdapterTier}
+        sizes = {tier: 0 for tier in AdapterTier}
+        m.lora_adapter_loaded.clear()
+        for entry, version in self._versions():
+            tier = self.tier(version)
+            counts[AdapterTier.STORED] += 1
+            sizes[AdapterTier.STORED] += version.manifest.size_bytes
+            if version.package is not None:
+                counts[AdapterTier.CPU] += 1
+                sizes[AdapterTier.CPU] += version.package.nbytes
+                m.lora_adapter_loaded.labels(version.manifest.name, "cpu", str(entry.pinned).lower()).set(1)
+            if tier is AdapterTier.DEVICE:
+                counts[tier] += 1
+                sizes[tier] += version.nbytes
+                m.lora_adapter_loaded.labels(version.manifest.name, "gpu", str(entry.pinned).lower()).set(1)
+        for tier in AdapterTier:
+            m.adapters_resident.labels(tier.value).set(counts[tier])
+            m.adapter_resident_bytes.labels(tier.value).set(sizes[tier])
+
+    # --- management (the HTTP admin surface calls these) ------------------------------------
+
+    def _entry(self, name: str) -> AdapterEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return entry
+
+    async def publish(self, name: str, staged: Path) -> tuple[AdapterVersion, bool]:
+        """Validate a staged candidate, store it as a version and make it current.
+
+        Returns the version and whether it is new (False: identical bytes were stored before).
+        """
+        try:
+            package = await asyncio.to_thread(load_adapter_dir, staged, name, self.signature, self.limits)
+        except AdapterInvalid as exc:
+            raise AdapterRejected(f"adapter {name!r} is invalid", details=exc.problems) from exc
+        manifest = AdapterManifest.from_dict({**package.manifest.to_dict(), "created_at": time.time()})
+        result = await asyncio.to_thread(self.store.put, name, staged, manifest)
+        await self.refresh()
+        version = self._entry(name).versions[result.version.version]
+        if version.package is None:
+            # Just validated: keep it warm so the first request does not read it again.
+            version.package = AdapterPackage(version.manifest, version.directory, package.modules,
+                                             package.head, package.warnings)
+            await self._enforce()
+        return version, result.created
+
+    async def set_current(self, name: str, version: str | None) -> AdapterEntry:
+        """Make `version` current; None = the newest version older than the current one."""
+        entry = self._entry(name)
+        if version is None:
+            current = entry.versions[entry.current]
+            older = [v for v in entry.versions.values()
+                     if (v.manifest.created_at or 0) < (current.manifest.created_at or 0)]
+            if not older:
+                raise AdapterConflict(f"adapter {name!r} has no version older than {entry.current}")
+            version = max(older, key=lambda v: v.manifest.created_at or 0).manifest.version
+        if version not in entry.versions:
+            raise AdapterVersionNotFound(f"adapter {name!r} has no version {version!r}")
+        await self._store_call(self.store.set_current, name, version)
+        await self.refresh()
+        return self._entry(name)
+
+    async def delete(self, name: str, version: str | None) -> None:
+        entry = self._entry(name)
+        if version is not None and version not in entry.versions:
+            raise AdapterVersionNotFound(f"adapter {name!r} has no version {version!r}")
+        await self._store_call(self.store.delete, name, version)
+        await self.refresh()
+
+    async def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
+        self._entry(name)
+        await self._store_call(self.store.set_pinned, name, pinned)
+        await self.refresh()
+        return self._entry(name)
+
+    async def load(self, name: str, version: str | None) -> AdapterVersion:
+        """Warm one version on this replica (cpu, then device when the engine runs)."""
+        chosen = self.lookup(f"{name}@{version}" if version else name)
+        chosen.last_used = time.time()
+        await self._warm(chosen)
+        await self._enforce()
+        return chosen
+
+    async def unload(self, name: str) -> AdapterEntry:
+        """Drop every version of `name` from this replica's memory tiers (it stays stored)."""
+        entry = self._entry(name)
+        if entry.pinned:
+            raise AdapterConflict(f"adapter {name!r} is pinned; unpin it first")
+        for version in entry.versions.values():
+            if self.device is not None and version.key in self.device.resident():
+                if await self.device.evict(version.key):
+                    self.metrics.adapter_cache_evictions.labels("device").inc()
+            if version.package is not None:
+                version.package = None
+                self.metrics.adapter_cache_evictions.labels("cpu").inc()
+        self._export_gauges()
+        return entry
+
+    async def _store_call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except StoreError as exc:
+            # Another replica changed the store between our lookup and this call.
+            raise AdapterConflict(str(exc)) from exc

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.manifest import MANIFEST_FILE, AdapterManifest
+from adapters.store import LocalStore
 from adapters.validate import AdapterLimits
 from server.config import Settings
 from server.contract import Engine, EngineInfo, GenerationRequest, SamplingParams
 from server.inference import InferenceService
 from server.metrics import Metrics
-from server.registry import Registry
+from server.registry import DeviceTier, Registry
 from server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Services:
     scheduler: Scheduler | None = None
     registry: Registry | None = None
     inference: InferenceService | None = None
+    watcher: asyncio.Task | None = None  # rescans the adapter store so replicas converge
     ready: bool = False
     draining: bool = False
     boot_error: str | None = None
@@ -60,12 +62,20 @@ class Services:
             self.engine = await asyncio.to_thread(engine_factory, self.settings)
             signature = self.engine.signature
             limits = AdapterLimits(max_rank=self.settings.max_lora_rank)
-            self.registry = Registry(self.settings.adapters_dir, signature, limits)
+            store = LocalStore(self.settings.adapters_dir)
+            # Before anything reads the store: debris of a process killed mid-upload goes first.
+            await asyncio.to_thread(store.cleanup)
+            self.registry = Registry(
+                store, signature, limits, cpu_budget_bytes=self.settings.cpu_cache_bytes,
+                device_budget_bytes=self.settings.device_cache_bytes, metrics=self.metrics,
+            )
             if self.settings.install_example_adapters:
                 await asyncio.to_thread(install_example_adapters, self.settings.adapters_dir, signature.canonical_id)
-            await asyncio.to_thread(self.registry.scan)
+            await self.registry.refresh()
             self.scheduler = Scheduler(self.engine, self.settings.max_queue)
             self.scheduler.start()
+            self.registry.device = DeviceTier(self.engine, self.scheduler)
+            self.watcher = asyncio.create_task(self.registry.watch(self.settings.store_poll_interval_s))
             self.inference = InferenceService(
                 self.settings, self.engine.info, self.engine, self.registry, self.scheduler, self.metrics
             )
@@ -88,6 +98,8 @@ class Services:
             pass
 
     def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
         if self.scheduler is not None:
             self.scheduler.stop()
 

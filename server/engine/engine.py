@@ -163,6 +163,13 @@ class TorchEngine:
         self.slots.free.append(slot)
         self._update_stats()
 
+    def hold_adapter(self, key: str, held: bool) -> bool:
+        """Pin a resident adapter: it counts as one more user, so LRU and evict pass it by."""
+        if key not in self.slots.by_key:
+            return False
+        self.slots.users[key] += 1 if held else -1
+        return True
+
     def resident_adapters(self) -> dict[str, bool]:
         return {key: self.slots.users[key] > 0 for key in self.slots.by_key}
 
