@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import health, infer
+from server.api import health, infer, openai
 from server.config import Settings
 from server.errors import AdaptserveError, status_for
 from server.services import EngineFactory, Services, default_engine_factory
@@ -27,6 +27,8 @@ access_logger = logging.getLogger("adaptserve.access")
 Surface = Literal["all", "public", "admin"]
 # Paths that stay open while draining (probes and scrapes must keep working).
 ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics")
+# Fields handlers may leave on request.state for the request's log line.
+REQUEST_LOG_FIELDS = ("model", "prompt_tokens", "completion_tokens", "ttft_ms", "choices", "user", "error")
 
 
 def error_body(code: str, message: str, status: int, param: str | None = None, details=None) -> dict:
@@ -89,6 +91,9 @@ class RequestMiddleware:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         started = time.monotonic()
         status_holder = {"status": 500}
+        # Handlers read the id (OpenAI response ids) and leave log fields beside it.
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -125,14 +130,18 @@ class RequestMiddleware:
         endpoint = getattr(route, "path", None) or "unmatched"
         if endpoint in ALWAYS_OPEN:
             return
-        adapter = (scope.get("state") or {}).get("adapter") or "__base__"
+        state = scope.get("state") or {}
+        adapter = state.get("adapter") or "__base__"
         elapsed = time.monotonic() - started
         self.services.metrics.requests.labels(endpoint, adapter, str(status)).inc()
         self.services.metrics.request_latency.labels(endpoint).observe(elapsed)
-        access_logger.info(json.dumps({
+        line = {
             "request_id": request_id, "method": scope["method"], "path": scope["path"],
-            "endpoint": endpoint, "adapter": adapter, "status": status, "total_ms": round(elapsed * 1000, 1),
-        }))
+            "endpoint": endpoint, "adapter": state.get("adapter_ref") or adapter, "status": status,
+            "total_ms": round(elapsed * 1000, 1),
+        }
+        line.update({k: state[k] for k in REQUEST_LOG_FIELDS if state.get(k) is not None})
+        access_logger.info(json.dumps(line))
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -197,5 +206,6 @@ def create_app(
     app.include_router(health.router)
     if surface in ("all", "public"):
         app.include_router(infer.router)
+        app.include_router(openai.router)
     app.add_middleware(RequestMiddleware, services=services, upload_paths=("/v1/adapters",))
     return app

@@ -51,6 +51,18 @@ class LimitExceeded(AdaptserveError):
     code = "limit_exceeded"
 
 
+class InvalidRequest(AdaptserveError):
+    """A malformed request on the OpenAI surface, whose clients expect 400 where ours says 422."""
+
+    code = "invalid_request"
+
+
+class UnsupportedParameter(AdaptserveError):
+    """An OpenAI parameter this server does not implement: refused, never silently ignored."""
+
+    code = "unsupported_parameter"
+
+
 class PayloadTooLarge(AdaptserveError):
     code = "payload_too_large"
 
@@ -87,6 +99,8 @@ ERROR_STATUS: dict[type[AdaptserveError], int] = {
     UnsupportedForBase: 400,
     InvalidParameter: 422,
     LimitExceeded: 422,
+    InvalidRequest: 400,
+    UnsupportedParameter: 400,
     PayloadTooLarge: 413,
     QueueFull: 429,
     NotReady: 503,

@@ -1,0 +1,377 @@
+"""OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions.
+
+The shapes follow OpenAI's API as vLLM serves adapters, so code written against the
+`openai` client works unchanged: `model` picks the adapter. Every request goes through
+InferenceService, so the caps of the native API apply here too. Differences from the native
+API are OpenAI's: invalid requests are 400 (not 422), params carry OpenAI's names, and a
+parameter this server cannot honour is refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from typing import AsyncIterator, Callable, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
+
+from server.api.deps import ReadyServicesDep
+from server.api.openai_schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    UsageOut,
+)
+from server.api.schemas import ErrorResponse
+from server.contract import GenerationRequest, TokenEvent
+from server.errors import (
+    AdapterNotFound,
+    AdaptserveError,
+    InvalidParameter,
+    InvalidRequest,
+    LimitExceeded,
+    UnsupportedParameter,
+)
+from server.registry import AdapterVersion
+from server.services import Services
+
+# Choices per request (n x prompts); each is a full generation row. Becomes a Setting.
+MAX_N = 4
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 503)}
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class OpenAIRoute(APIRoute):
+    """Body validation failures become 400 with OpenAI's `param`, as the `openai` client expects."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                raise _invalid_request(exc) from None
+
+        return route
+
+
+router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
+
+
+def _invalid_request(exc: RequestValidationError) -> InvalidRequest:
+    problems = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        problems.append({"field": ".".join(loc) or None, "message": error.get("msg", ""), "type": error.get("type")})
+    first = problems[0] if problems else {"field": None, "type": None}
+    message = "; ".join(f"{p['field']}: {p['message']}" if p["field"] else p["message"] for p in problems)
+    error = InvalidRequest(message or "invalid request", param=first["field"], details=problems)
+    if first["type"] == "extra_forbidden":
+        error.code = "unknown_parameter"
+    return error
+
+
+@contextlib.contextmanager
+def _openai_params(**renames: str) -> Iterator[None]:
+    """Shared services name params natively (`adapter`, `max_new_tokens`); say them as OpenAI does.
+
+    Limit violations are 400 here: the `openai` client raises BadRequestError for them.
+    """
+    try:
+        yield
+    except AdaptserveError as exc:
+        if exc.param is not None:
+            exc.param = renames.get(exc.param, exc.param)
+        if isinstance(exc, (LimitExceeded, InvalidParameter)):
+            converted = InvalidRequest(exc.message, param=exc.param, details=exc.details, headers=exc.headers)
+            converted.code = exc.code
+            raise converted from None
+        raise
+
+
+def adapter_ref_for(model: str, services: Services) -> str | None:
+    """The adapter a `model` string names (None = the base).
+
+    Accepted: "" or the base id (or the name it was configured by) -> base; `name`,
+    `name@version`; `base:adapter` as SGLang and Ray Serve write it.
+    """
+    base_names = {services.info.base_id, services.settings.base_model}
+    if not model or model in base_names:
+        return None
+    if model.startswith("task:"):
+        raise AdapterNotFound(
+            f"model {model!r}: task routing is not configured on this server; name an adapter", param="model"
+        )
+    base, colon, adapter = model.rpartition(":")
+    if colon:
+        if base not in base_names or not adapter:
+            raise AdapterNotFound(
+                f"model {model!r}: this server's base is {services.info.base_id!r}", param="model"
+            )
+        return adapter
+    return model
+
+
+# --- /v1/models -------------------------------------------------------------------------
+
+
+def _base_card(services: Services) -> ModelCard:
+    info = services.info
+    booted = time.time() - (time.monotonic() - services.started_at)
+    return ModelCard(
+        id=info.base_id, created=int(booted), root=info.base_id, parent=None,
+        task="generate" if info.kind == "decoder" else "encode", max_model_len=info.max_context,
+    )
+
+
+def _adapter_card(model_id: str, version: AdapterVersion, services: Services) -> ModelCard:
+    manifest = version.manifest
+    # root = the immutable version `model_id` resolves to now (vLLM puts a local path here;
+    # server paths stay private).
+    return ModelCard(
+        id=model_id, created=int(manifest.created_at or 0), root=manifest.ref, parent=services.info.base_id,
+        version=manifest.version, task=manifest.task, max_model_len=services.info.max_context,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def list_models(services: ReadyServicesDep) -> ModelList:
+    cards = [_base_card(services)]
+    for name, entry in sorted(services.registry.entries.items()):
+        if entry.current is not None:
+            cards.append(_adapter_card(name, entry.versions[entry.current], services))
+    return ModelList(data=cards)
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERRORS)
+async def retrieve_model(model: str, services: ReadyServicesDep) -> ModelCard:
+    with _openai_params(adapter="model"):
+        ref = adapter_ref_for(model, services)
+        if ref is None:
+            return _base_card(services)
+        return _adapter_card(model, services.registry.lookup(ref), services)
+
+
+# --- generation shared by both endpoints -------------------------------------------------
+
+
+class _Run:
+    """The engine requests behind one OpenAI call, and what its response and log line need."""
+
+    def __init__(self, http_request: Request, services: Services, requests: list[GenerationRequest],
+                 n: int, kind: str, user: str | None):
+        self.requests = requests
+        self.n = n
+        self.kind = kind  # "chat_completions" or "completions": the TTFT histogram's label
+        self.inference = services.inference
+        self.created = int(time.time())
+        self.state = http_request.state
+        binding = requests[0].adapter
+        # The response echoes the exact version that answered, as OpenAI echoes a dated model.
+        self.model = f"{binding.name}@{binding.version}" if binding else services.info.base_id
+        prefix = "chatcmpl" if kind == "chat_completions" else "cmpl"
+        self.id = f"{prefix}-{self.state.request_id}"
+        self.state.adapter = binding.name if binding else None
+        self.state.adapter_ref = self.model if binding else None
+        self.state.choices = len(requests)
+        self.state.user = user
+        self.state.prompt_tokens = self.state.completion_tokens = 0
+
+    def usage(self) -> UsageOut:
+        prompt, completion = self.state.prompt_tokens, self.state.completion_tokens
+        return UsageOut(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) from every choice as they arrive; closing it cancels the rest."""
+        queue: asyncio.Queue[tuple[int, TokenEvent | Exception]] = asyncio.Queue()
+        started = time.monotonic()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async for event in self.inference.stream(request, self.kind):
+                    queue.put_nowait((index, event))
+            except Exception as exc:  # re-raised by the consumer, which owns the response
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(self.requests)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item.token_ids and getattr(self.state, "ttft_ms", None) is None:
+                    self.state.ttft_ms = round((time.monotonic() - started) * 1000, 1)
+                if item.finished:
+                    remaining -= 1
+                    # Choices of one prompt share it: OpenAI counts its tokens once.
+                    if index % self.n == 0:
+                        self.state.prompt_tokens += item.prompt_tokens
+                    self.state.completion_tokens += item.completion_tokens
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()  # a no-op for finished rows; the others leave the batch at the next step
+
+    async def collect(self) -> tuple[list[str], list[str]]:
+        """(text, finish_reason) per choice, for a non-streaming response."""
+        texts: list[list[str]] = [[] for _ in self.requests]
+        reasons = [""] * len(self.requests)
+        async for index, event in self.events():
+            texts[index].append(event.text)
+            if event.finished:
+                _raise_failure(event)
+                reasons[index] = event.finish_reason
+        return ["".join(t) for t in texts], reasons
+
+
+def _raise_failure(event: TokenEvent) -> None:
+    """Engine outcomes OpenAI has no finish_reason for become errors (stop/length pass through)."""
+    if event.finish_reason == "error":
+        raise AdaptserveError(f"generation failed: {event.error}")
+    if event.finish_reason == "timeout":
+        raise AdaptserveError("generation passed the server's request deadline")
+    if event.finish_reason == "cancelled":
+        raise AdaptserveError("generation was cancelled by the server")
+
+
+def _check_supported(body: CompletionRequest | ChatCompletionRequest, prompts: int) -> None:
+    refused = body.unsupported()
+    if refused is not None:
+        raise UnsupportedParameter(refused[1], param=refused[0])
+    if body.n * prompts > MAX_N:
+        raise InvalidRequest(f"n x prompts = {body.n * prompts}; at most {MAX_N} choices per request", param="n")
+
+
+async def _prepare(services: Services, body: CompletionRequest | ChatCompletionRequest, inputs: list[dict],
+                   limit: int | None, limit_param: str, input_param: str) -> list[GenerationRequest]:
+    """One engine request per choice, in OpenAI's choice order (prompt-major, then n).
+
+    Every choice runs on the same adapter version: the first binding pins it for the rest.
+    """
+    inference = services.inference
+    with _openai_params(adapter="model", prompt=input_param, max_new_tokens=limit_param):
+        params = inference.sampling_params(limit, body.temperature, body.top_p, 0, body.seed, body.stop_list())
+        ref = adapter_ref_for(body.model, services)
+        requests: list[GenerationRequest] = []
+        for item in inputs:
+            first = await inference.prepare_generation(item.get("prompt"), item.get("messages"), ref, params)
+            if first.adapter is not None:
+                ref = f"{first.adapter.name}@{first.adapter.version}"
+            for index in range(body.n):
+                seed = None if body.seed is None else (body.seed + index) % 2**63
+                requests.append(dataclasses.replace(
+                    first,
+                    request_id=first.request_id if index == 0 else inference.scheduler.new_request_id(),
+                    params=dataclasses.replace(params, seed=seed),
+                ))
+        return requests
+
+
+async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, str, str | None], dict],
+               opening: list[dict]) -> AsyncIterator[str]:
+    """OpenAI's stream: `opening` chunks, a chunk per text delta, one per finish, optional usage, [DONE]."""
+
+    def frame(choices: list[dict], usage: UsageOut | None = None) -> str:
+        data = {"id": run.id, "object": _CHUNK_OBJECT[run.kind], "created": run.created, "model": run.model,
+                "choices": choices}
+        if include_usage:
+            data["usage"] = usage.model_dump() if usage else None
+        return f"data: {json.dumps(data)}\n\n"
+
+    if opening:
+        yield frame(opening)
+    try:
+        async for index, event in run.events():
+            if event.text:
+                yield frame([chunk(index, event.text, None)])
+            if event.finished:
+                _raise_failure(event)
+                yield frame([chunk(index, "", event.finish_reason)])
+    except AdaptserveError as exc:
+        # Headers are gone; the `openai` client raises APIError on an `error` event.
+        run.state.error = exc.code
+        yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message, 'type': 'server_error', 'param': None}})}\n\n"
+    else:
+        if include_usage:
+            yield frame([], run.usage())
+    yield "data: [DONE]\n\n"
+
+
+_CHUNK_OBJECT = {"chat_completions": "chat.completion.chunk", "completions": "text_completion"}
+_STREAM_RESPONSES = {**ERRORS, 200: {"content": {"text/event-stream": {}}}}
+
+
+def _stream_response(services: Services, stream: AsyncIterator[str]) -> StreamingResponse:
+    # Refuse before the 200 goes out; once streaming, overload can only be an error event.
+    services.inference.scheduler.check_capacity()
+    return StreamingResponse(stream, media_type="text/event-stream", headers=STREAM_HEADERS)
+
+
+# --- endpoints ---------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM_RESPONSES)
+async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesDep, http_request: Request):
+    http_request.state.model = body.model
+    _check_supported(body, 1)
+    limit, limit_param = body.token_limit()
+    if body.max_tokens is not None and body.max_completion_tokens not in (None, body.max_tokens):
+        raise InvalidRequest("max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    requests = await _prepare(services, body, [{"messages": messages}], limit, limit_param, "messages")
+    run = _Run(http_request, services, requests, body.n, "chat_completions", body.user)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(index: int, text: str, finish: str | None) -> dict:
+            delta = {"content": text} if text else {}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(len(requests))]
+        return _stream_response(services, _sse(run, include_usage, chunk, opening))
+    texts, reasons = await run.collect()
+    return ChatCompletionResponse(
+        id=run.id, created=run.created, model=run.model, usage=run.usage(),
+        choices=[ChatChoice(index=i, message=ChatMessageOut(content=t), finish_reason=r)
+                 for i, (t, r) in enumerate(zip(texts, reasons))],
+    )
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM_RESPONSES)
+async def completions(body: CompletionRequest, services: ReadyServicesDep, http_request: Request):
+    http_request.state.model = body.model
+    prompts = body.prompts()
+    if not prompts:
+        raise InvalidRequest("prompt is an empty list", param="prompt")
+    _check_supported(body, len(prompts))
+    requests = await _prepare(services, body, [{"prompt": p} for p in prompts], body.max_tokens, "max_tokens",
+                              "prompt")
+    run = _Run(http_request, services, requests, body.n, "completions", body.user)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(index: int, text: str, finish: str | None) -> dict:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+        return _stream_response(services, _sse(run, include_usage, chunk, []))
+    texts, reasons = await run.collect()
+    return CompletionResponse(
+        id=run.id, created=run.created, model=run.model, usage=run.usage(),
+        choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],
+    )
