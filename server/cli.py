@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import ipaddress
 import logging
 import signal
@@ -120,7 +121,8 @@ def cmd_prepare_base(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{serve,prepare-base,train,eval,compare,push,bench}")
     serve = sub.add_parser("serve", help="serve the base model and the adapters in the store")
     _add_settings_flags(serve)
     serve.set_defaults(handler=cmd_serve)
@@ -131,8 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands owned by other packages; imported only when used (the trainer never imports
+# the server, and serving never pays for the trainer's imports).
+DELEGATED = {
+    "train": ("trainer.cli", "main", True),
+    "eval": ("trainer.cli", "main", True),
+    "compare": ("trainer.cli", "main", True),
+    "push": ("trainer.cli", "main", True),
+    "bench": ("bench.run", "main", False),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module_name, function, keeps_command = DELEGATED[argv[0]]
+        module = importlib.import_module(module_name)
+        return getattr(module, function)(argv if keeps_command else argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return args.handler(args)
