@@ -14,15 +14,95 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 
+BASE_LABEL = "__base__"
+OTHER_LABEL = "other"
+# Adapters that keep their own `adapter` label; the rest fold into OTHER_LABEL. Becomes a Setting.
+ADAPTER_LABEL_LIMIT = 20
+
+
+class AdapterLabels:
+    """Bounds the `adapter` label to the top-N adapters by requests; the rest share "other".
+
+    A Space-Saving sketch (4N counters: a newcomer replaces the smallest and inherits its
+    count) ranks adapters in bounded memory, so even names that never bind (a typo, a
+    scan) cannot grow it. Free label slots go to newcomers at once; `rebalance` (once per
+    scrape) hands them to the current top-N, and a demoted adapter's series are removed —
+    to Prometheus that is an ordinary counter reset, so rate() stays right. The name
+    "other" itself always folds, so the bucket never mixes with a real adapter's series.
+    """
+
+    def __init__(self, limit: int = ADAPTER_LABEL_LIMIT):
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.labelled: set[str] = set()
+
+    def label(self, name: str, count: bool = False) -> str:
+        if name == BASE_LABEL:
+            return name
+        if count:
+            self._count(name)
+        if name in self.labelled:
+            return name
+        if name != OTHER_LABEL and len(self.labelled) < self.limit:
+            self.labelled.add(name)
+            return name
+        return OTHER_LABEL
+
+    def _count(self, name: str) -> None:
+        if name in self.counts or len(self.counts) < 4 * self.limit:
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return
+        smallest = min(self.counts, key=self.counts.__getitem__)
+        self.counts[name] = self.counts.pop(smallest) + 1
+
+    def rebalance(self) -> set[str]:
+        """Give the label slots to the current top-N; returns the names that lost theirs."""
+        ranked = sorted((n for n in self.counts if n != OTHER_LABEL), key=self.counts.__getitem__, reverse=True)
+        top = set(ranked[: self.limit])
+        demoted = self.labelled - top
+        self.labelled = top
+        return demoted
+
+
+class AdapterFolded:
+    """A labelled Counter whose `adapter` label always passes through AdapterLabels.
+
+    Wrapping the collector (rather than asking every caller to fold) means no code path
+    can export an unbounded label set.
+    """
+
+    def __init__(self, collector: Counter, labelnames: list[str], adapters: AdapterLabels, counts: bool = False):
+        self.collector = collector
+        self.labelnames = labelnames
+        self.position = labelnames.index("adapter")
+        self.adapters = adapters
+        self.counts = counts  # this collector's calls rank adapters (one per request)
+        self.issued: set[tuple[str, ...]] = set()
+
+    def labels(self, *values: str, **named: str):
+        if named:
+            values = tuple(named[name] for name in self.labelnames)
+        folded = list(values)
+        folded[self.position] = self.adapters.label(str(values[self.position]), self.counts)
+        key = tuple(folded)
+        self.issued.add(key)
+        return self.collector.labels(*key)
+
+    def forget(self, names: set[str]) -> None:
+        for key in [k for k in self.issued if k[self.position] in names]:
+            self.collector.remove(*key)
+            self.issued.discard(key)
+
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "adaptserve_requests", "Requests by endpoint, adapter and HTTP status.",
+        self.adapter_labels = AdapterLabels()
+        self.requests = AdapterFolded(Counter(
+            "adaptserve_requests", "Requests by endpoint, adapter (top-N, the rest `other`) and HTTP status.",
             ["endpoint", "adapter", "status"], registry=r,
-        )
+        ), ["endpoint", "adapter", "status"], self.adapter_labels, counts=True)
         self.request_latency = Histogram(
             "adaptserve_request_latency_seconds", "Time from arrival to the last byte.",
             ["endpoint"], buckets=LATENCY_BUCKETS, registry=r,
@@ -35,12 +115,12 @@ class Metrics:
             "adaptserve_queue_time_seconds", "Time a request waited before its prefill.",
             buckets=TTFT_BUCKETS, registry=r,
         )
-        self.prompt_tokens = Counter(
-            "adaptserve_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r
-        )
-        self.generated_tokens = Counter(
-            "adaptserve_generated_tokens", "Tokens generated.", ["adapter"], registry=r
-        )
+        self.prompt_tokens = AdapterFolded(Counter(
+            "adaptserve_prompt_tokens", "Prompt tokens processed, by adapter (top-N).", ["adapter"], registry=r
+        ), ["adapter"], self.adapter_labels)
+        self.generated_tokens = AdapterFolded(Counter(
+            "adaptserve_generated_tokens", "Tokens generated, by adapter (top-N).", ["adapter"], registry=r
+        ), ["adapter"], self.adapter_labels)
         self.adapters_registered = Gauge(
             "adaptserve_adapters_registered", "Adapters (names) registered and servable.", registry=r
         )
@@ -92,6 +172,12 @@ class Metrics:
             "vllm:lora_adapter_loaded", "1 while an adapter is resident at that level.",
             ["adapter_name", "level", "pinned"], registry=r,
         )
+
+    def rebalance_adapter_labels(self) -> None:
+        demoted = self.adapter_labels.rebalance()
+        if demoted:
+            for collector in (self.requests, self.prompt_tokens, self.generated_tokens):
+                collector.forget(demoted)
 
     def set_lora_info(self, max_lora: int, running: list[str], waiting: list[str]) -> None:
         # The picker reads the newest series; stale label sets are cleared so only one exists.

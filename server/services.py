@@ -105,6 +105,7 @@ class Services:
 
     def refresh_gauges(self) -> None:
         m = self.metrics
+        m.rebalance_adapter_labels()
         if self.registry is not None:
             m.adapters_registered.set(len(self.registry.entries))
             m.adapters_rejected.set(len(self.registry.rejected))
