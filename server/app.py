@@ -16,7 +16,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import health, infer, openai
+from server.api import adapters, health, infer, openai
+from server.api.deps import InferenceKeyDep
+from server.api.disconnect import ClientGone
+from server.auth import Authenticator
 from server.config import Settings
 from server.errors import AdaptserveError, status_for
 from server.services import EngineFactory, Services, default_engine_factory
@@ -63,6 +66,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), exc.status_code),
             exc.status_code, getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone) -> JSONResponse:
+        # Nobody reads this; 499 (nginx's "client closed request") keeps the metrics honest.
+        return JSONResponse(error_body("client_closed_request", "client disconnected", 499), 499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -202,10 +210,13 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.authenticator = Authenticator(services.settings)
     install_error_handlers(app)
     app.include_router(health.router)
     if surface in ("all", "public"):
-        app.include_router(infer.router)
-        app.include_router(openai.router)
+        app.include_router(infer.router, dependencies=[InferenceKeyDep])
+        app.include_router(openai.router, dependencies=[InferenceKeyDep])
+    if surface in ("all", "admin"):
+        app.include_router(adapters.router)
     app.add_middleware(RequestMiddleware, services=services, upload_paths=("/v1/adapters",))
     return app

@@ -407,11 +407,19 @@ class Registry:
 
     # --- management (the HTTP admin surface calls these) ------------------------------------
 
-    def _entry(self, name: str) -> AdapterEntry:
+    def entry(self, name: str) -> AdapterEntry:
         entry = self.entries.get(name)
         if entry is None:
             raise AdapterNotFound(f"adapter {name!r} is not registered")
         return entry
+
+    async def check(self, name: str, staged: Path) -> list[str]:
+        """Every validation problem of a staged candidate (empty = it would be accepted)."""
+        try:
+            await asyncio.to_thread(load_adapter_dir, staged, name, self.signature, self.limits)
+        except AdapterInvalid as exc:
+            return exc.problems
+        return []
 
     async def publish(self, name: str, staged: Path) -> tuple[AdapterVersion, bool]:
         """Validate a staged candidate, store it as a version and make it current.
@@ -425,7 +433,7 @@ class Registry:
         manifest = AdapterManifest.from_dict({**package.manifest.to_dict(), "created_at": time.time()})
         result = await asyncio.to_thread(self.store.put, name, staged, manifest)
         await self.refresh()
-        version = self._entry(name).versions[result.version.version]
+        version = self.entry(name).versions[result.version.version]
         if version.package is None:
             # Just validated: keep it warm so the first request does not read it again.
             version.package = AdapterPackage(version.manifest, version.directory, package.modules,
@@ -435,7 +443,7 @@ class Registry:
 
     async def set_current(self, name: str, version: str | None) -> AdapterEntry:
         """Make `version` current; None = the newest version older than the current one."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         if version is None:
             current = entry.versions[entry.current]
             older = [v for v in entry.versions.values()
@@ -447,20 +455,20 @@ class Registry:
             raise AdapterVersionNotFound(f"adapter {name!r} has no version {version!r}")
         await self._store_call(self.store.set_current, name, version)
         await self.refresh()
-        return self._entry(name)
+        return self.entry(name)
 
     async def delete(self, name: str, version: str | None) -> None:
-        entry = self._entry(name)
+        entry = self.entry(name)
         if version is not None and version not in entry.versions:
             raise AdapterVersionNotFound(f"adapter {name!r} has no version {version!r}")
         await self._store_call(self.store.delete, name, version)
         await self.refresh()
 
     async def set_pinned(self, name: str, pinned: bool) -> AdapterEntry:
-        self._entry(name)
+        self.entry(name)
         await self._store_call(self.store.set_pinned, name, pinned)
         await self.refresh()
-        return self._entry(name)
+        return self.entry(name)
 
     async def load(self, name: str, version: str | None) -> AdapterVersion:
         """Warm one version on this replica (cpu, then device when the engine runs)."""
@@ -472,7 +480,7 @@ class Registry:
 
     async def unload(self, name: str) -> AdapterEntry:
         """Drop every version of `name` from this replica's memory tiers (it stays stored)."""
-        entry = self._entry(name)
+        entry = self.entry(name)
         if entry.pinned:
             raise AdapterConflict(f"adapter {name!r} is pinned; unpin it first")
         for version in entry.versions.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from server.errors import NotReady
 from server.services import Services
@@ -22,5 +22,17 @@ def get_ready_services(request: Request) -> Services:
     return services
 
 
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    request.app.state.authenticator.check_admin(authorization)
+
+
+def require_inference_key(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    request.app.state.authenticator.check_inference(authorization)
+
+
+# Router-level dependencies. The upload route reads its body itself, so the admin check
+# runs before a single upload byte reaches disk.
+AdminDep = Depends(require_admin)
+InferenceKeyDep = Depends(require_inference_key)
 ServicesDep = Annotated[Services, Depends(get_services)]
 ReadyServicesDep = Annotated[Services, Depends(get_ready_services)]
