@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import ReadyServicesDep
+from server.api.disconnect import unless_disconnected
 from server.api.schemas import (
     AdapterRefOut,
     ClassifyRequest,
@@ -52,7 +53,7 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
             _sse(inference, request), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    completion = await inference.complete(request, "generate")
+    completion = await unless_disconnected(http_request, inference.complete(request, "generate"))
     return GenerateResponse(
         text=completion.text,
         finish_reason=completion.finish_reason,
