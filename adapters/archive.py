@@ -60,12 +60,13 @@ def _tar_members(tar: tarfile.TarFile) -> list[_Member]:
 def _zip_members(zf: zipfile.ZipFile) -> list[_Member]:
     members = []
     for info in zf.infolist():
-        mode = info.external_attr >> 16  # unix mode, when a unix zip tool wrote it
-        if stat.S_ISLNK(mode):
+        # Unix file type bits, when a unix zip tool wrote them (0 = unknown = a plain file).
+        file_type = stat.S_IFMT(info.external_attr >> 16)
+        if file_type == stat.S_IFLNK:
             kind = "link"
         elif info.is_dir():
             kind = "dir"
-        elif mode and not stat.S_ISREG(mode):
+        elif file_type not in (0, stat.S_IFREG):
             kind = "special"
         else:
             kind = "file"
