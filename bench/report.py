@@ -1,0 +1,150 @@
+"""Numbers out of request records: percentiles, per-run summaries, the table and the JSON file.
+
+Kept free of networking and servers so it is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the client saw it; times are seconds on the client's monotonic clock."""
+
+    start: float
+    end: float
+    ttft: float  # first streamed text, or the whole latency when the server does not stream
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    streamed: bool
+    error: str | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.end - self.start
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Throughput and latency of the requests that completed inside one of `windows`.
+
+    Closed-loop load reaches a steady state after its ramp; counting only completions inside
+    windows after it (rather than all requests from the first send) keeps the ramp and the
+    cut-off tail out of the rates. Several windows = interleaved rounds of one scenario.
+    """
+    window = sum(end - start for start, end in windows)
+    inside = [r for r in records if any(start <= r.end <= end for start, end in windows)]
+    done = [r for r in inside if r.error is None]
+    errors = [r for r in inside if r.error is not None]
+    tokens = sum(r.completion_tokens for r in done)
+
+    def rounded(value: float | None, digits: int = 3) -> float | None:
+        return None if value is None else round(value, digits)
+
+    latencies = [r.latency for r in done]
+    ttfts = [r.ttft for r in done]
+    return {
+        "window_s": round(window, 2),
+        "completed": len(done),
+        "errors": len(errors),
+        "error_examples": sorted({r.error for r in errors})[:3],
+        "tokens_per_s": rounded(tokens / window if window > 0 else 0.0, 2),
+        "requests_per_s": rounded(len(done) / window if window > 0 else 0.0),
+        "ttft_p50_s": rounded(percentile(ttfts, 50)),
+        "ttft_p95_s": rounded(percentile(ttfts, 95)),
+        "ttft_is_latency": bool(done) and not any(r.streamed for r in done),
+        "latency_p50_s": rounded(percentile(latencies, 50)),
+        "latency_p95_s": rounded(percentile(latencies, 95)),
+        "mean_prompt_tokens": rounded(sum(r.prompt_tokens for r in done) / len(done), 1) if done else None,
+        "mean_completion_tokens": rounded(tokens / len(done), 1) if done else None,
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (header, summary key, format)
+    ("run", "name", "{}"),
+    ("server", "server", "{}"),
+    ("C", "concurrency", "{}"),
+    ("K", "adapters", "{}"),
+    ("done", "completed", "{}"),
+    ("tok/s", "tokens_per_s", "{:.1f}"),
+    ("req/s", "requests_per_s", "{:.2f}"),
+    ("TTFT p50", "ttft_p50_s", "{:.2f}"),
+    ("TTFT p95", "ttft_p95_s", "{:.2f}"),
+    ("lat p50", "latency_p50_s", "{:.2f}"),
+    ("lat p95", "latency_p95_s", "{:.2f}"),
+    ("out tok", "mean_completion_tokens", "{:.0f}"),
+    ("RSS MB", "peak_rss_mb", "{:.0f}"),
+)
+
+
+def format_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Fixed-width text table, one line per run; a '*' marks TTFT that is the full latency."""
+    header = [title for title, _, _ in COLUMNS]
+    lines = []
+    for run in runs:
+        cells = []
+        for _, key, fmt in COLUMNS:
+            value = run.get(key)
+            cell = "-" if value is None else fmt.format(value)
+            if key.startswith("ttft") and run.get("ttft_is_latency") and value is not None:
+                cell += "*"
+            cells.append(cell)
+        lines.append(cells)
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    render = lambda row: "  ".join(cell.rjust(width) for cell, width in zip(row, widths))  # noqa: E731
+    out = [render(header), render(["-" * w for w in widths])] + [render(row) for row in lines]
+    if any(run.get("ttft_is_latency") for run in runs):
+        out.append("* the server streams nothing: TTFT is the full request latency")
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    goal: float
+    higher_is_better: bool = True
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.goal if self.higher_is_better else self.value <= self.goal
+
+    def line(self) -> str:
+        sign = ">=" if self.higher_is_better else "<="
+        value = "n/a" if self.value is None else f"{self.value:.3g}"
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[self.met]
+        return f"{self.name}: {value} (target {sign} {self.goal:g}) {verdict}"
+
+
+def write_json(path: Path, meta: dict[str, Any], runs: Sequence[dict[str, Any]], targets: Sequence[Target]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "meta": meta,
+        "runs": list(runs),
+        "targets": [{**asdict(t), "met": t.met} for t in targets],
+    }
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,371 @@
+"""`adaptserve bench`: adaptserve against a naive PEFT server, same base, same load, one run.
+
+Scenarios (C concurrent closed-loop clients, K distinct adapters):
+  (a) C=32, K=8, 64 new tokens: adaptserve vs the naive server (throughput, TTFT);
+  (b) the same load all on the base vs all on adapters (the cost of batched LoRA);
+  (c) K=1 vs K=32 distinct adapters (does cost grow with the adapter count?).
+Both servers run as subprocesses on 127.0.0.1 and take turns under load, so the one
+measured gets every core. Adapters are random PEFT LoRAs made for the base in a temporary store.
+
+    adaptserve bench --quick      # one round, ~5 minutes on 2 cores
+    adaptserve bench              # three interleaved rounds, ~15 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import psutil
+
+from bench.load import LoadSpec, make_prompts, run_load
+from bench.report import RequestRecord, Target, format_table, ratio, summarize, write_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+CANONICAL_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Every linear kind of a Llama-style block: the adapters touch all of them, the worst case
+# for LoRA overhead.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- adapters -------------------------------------------------------------------------
+
+
+def make_adapters(store: Path, count: int, ranks: tuple[int, ...], base_model: str) -> list[str]:
+    """`count` PEFT LoRA adapters with random non-zero A and B, saved as PEFT saves them.
+
+    B is scaled down from PEFT's uniform init so the adapted model still writes prose: an
+    adapter that drives the model to emit EOS early (or never) would change the amount of
+    work per request and blur the base-vs-adapter comparison.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapters.bases import resolve_base
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(base_model).path, dtype=torch.float32)
+    names = []
+    for i in range(count):
+        name = f"bench-{i:02d}"
+        rank = ranks[i % len(ranks)]
+        torch.manual_seed(1000 + i)
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=list(TARGET_MODULES),
+            init_lora_weights=False, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, config)
+        with torch.no_grad():
+            for module_name, parameter in model.named_parameters():
+                if "lora_B" in module_name:
+                    parameter.mul_(0.05)
+        model.peft_config["default"].base_model_name_or_path = CANONICAL_BASE_ID
+        model.save_pretrained(store / name)
+        base = model.unload()  # back to the plain base for the next adapter
+        names.append(name)
+    return names
+
+
+# --- servers --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+
+
+@contextlib.contextmanager
+def server_process(name: str, argv: list[str], port: int, log_path: Path, ready_timeout_s: float) -> Iterator[Server]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, *argv], cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, process, ready_timeout_s, log_path)
+            yield Server(name, url, process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode} before ready; see {log_path}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                log(f"  ready in {time.monotonic() - started:.0f} s")
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise SystemExit(f"server not ready after {timeout_s:.0f} s; see {log_path}")
+
+
+async def sample_peak_rss(pid: int, stop: asyncio.Event, every_s: float = 0.5) -> int:
+    """Largest RSS of the server process seen while `stop` is unset (bytes)."""
+    process, peak = psutil.Process(pid), 0
+    while not stop.is_set():
+        peak = max(peak, process.memory_info().rss)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+    return peak
+
+
+# --- scenarios ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    server: str  # "naive" or "adaptserve"
+    adapters: tuple[str | None, ...]
+    measure_s: float  # counted seconds, split evenly over the rounds
+    warmup_s: float  # per round, not counted
+
+
+@dataclass
+class Measured:
+    records: list[RequestRecord]
+    windows: list[tuple[float, float]]
+    peak_rss: int = 0
+
+
+def measure_round(server: Server, scenario: Scenario, options: argparse.Namespace, prompts: list[str],
+                  into: Measured, label: str) -> None:
+    measured_s = scenario.measure_s / options.rounds
+    spec = LoadSpec(
+        concurrency=options.concurrency,
+        adapters=scenario.adapters,
+        prompts=prompts,
+        max_new_tokens=options.max_new_tokens,
+        duration_s=scenario.warmup_s + measured_s,
+        ramp_s=min(scenario.warmup_s / 2, options.ramp_s),
+    )
+    log(f"[{scenario.name}] {label}{server.name}: C={spec.concurrency}, K={len(set(scenario.adapters) - {None})}, "
+        f"{spec.duration_s:.0f} s (first {scenario.warmup_s:.0f} s not counted)")
+
+    def progress(elapsed: float, records: list[RequestRecord]) -> None:
+        counted = [r for r in records if r.error is None and r.end - t_start >= scenario.warmup_s]
+        tokens = sum(r.completion_tokens for r in counted)
+        rate = f"{tokens / (elapsed - scenario.warmup_s):6.1f} tok/s" if elapsed > scenario.warmup_s else "warming up"
+        errors = sum(r.error is not None for r in records)
+        log(f"  {elapsed:5.0f} s  {len(records):4d} done  {errors} errors  {rate}")
+
+    async def go() -> tuple[float, list[RequestRecord], int]:
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_peak_rss(server.process.pid, stop))
+        t0, records = await run_load(server.url, spec, progress)
+        stop.set()
+        return t0, records, await sampler
+
+    t_start = time.monotonic()  # within ms of run_load's own t0; only for the progress lines
+    t0, records, peak_rss = asyncio.run(go())
+    into.records.extend(records)
+    into.windows.append((t0 + scenario.warmup_s, t0 + spec.duration_s))
+    into.peak_rss = max(into.peak_rss, peak_rss)
+
+
+def result_row(scenario: Scenario, measured: Measured, options: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "name": scenario.name,
+        "server": scenario.server,
+        "concurrency": options.concurrency,
+        "adapters": len(set(scenario.adapters) - {None}),
+        "max_new_tokens": options.max_new_tokens,
+        "rounds": len(measured.windows),
+        "peak_rss_mb": round(measured.peak_rss / 2**20, 1),
+        **summarize(measured.records, measured.windows),
+    }
+
+
+def find_run(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next((r for r in runs if r["name"] == name), {})
+
+
+def targets_for(runs: list[dict[str, Any]], k: int, many: int) -> list[Target]:
+    ours, naive = find_run(runs, f"a: K={k}"), find_run(runs, f"a: naive K={k}")
+    base, one, lots = find_run(runs, "b: base"), find_run(runs, "c: K=1"), find_run(runs, f"c: K={many}")
+    tps = lambda run: run.get("tokens_per_s")  # noqa: E731
+    return [
+        Target("(a) throughput vs naive", ratio(tps(ours), tps(naive)), 10.0),
+        Target("(a) TTFT p50 s", ours.get("ttft_p50_s"), 1.5, higher_is_better=False),
+        Target("(b) adapters / base", ratio(tps(ours), tps(base)), 0.85),
+        Target(f"(c) K={many} / K=1", ratio(tps(lots), tps(one)), 0.9),
+    ]
+
+
+def plan_scenarios(options: argparse.Namespace, names: list[str]) -> list[Scenario]:
+    wanted = set(options.scenarios.split(","))
+    k_names = tuple(names[: options.adapters])
+    ours = lambda name, adapters: Scenario(name, "adaptserve", adapters, options.measure, options.warmup)  # noqa: E731
+    plan = []
+    if "a" in wanted:
+        plan.append(Scenario(f"a: naive K={options.adapters}", "naive", k_names,
+                             options.naive_measure, options.naive_warmup))
+    if "b" in wanted:
+        plan.append(ours("b: base", (None,)))
+    if wanted & {"a", "b"}:
+        plan.append(ours(f"a: K={options.adapters}", k_names))  # also the adapter side of (b)
+    if "c" in wanted:
+        plan.append(ours("c: K=1", tuple(names[:1])))
+        plan.append(ours(f"c: K={options.many_adapters}", tuple(names[: options.many_adapters])))
+    return plan
+
+
+# --- command --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptserve bench", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="one short round: about 5 minutes in all")
+    parser.add_argument("--scenarios", default="a,b,c", help="which of a, b, c to run")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (C)")
+    parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in (a) and (b) (K)")
+    parser.add_argument("--many-adapters", type=int, default=32, help="K of the large side of (c)")
+    parser.add_argument("--ranks", default="8,16", help="LoRA ranks, assigned to adapters in turn")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="approximate prompt length")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of every scenario, so load from other users of the "
+                        "machine falls on all of them alike (default 3, --quick 1)")
+    parser.add_argument("--measure", type=float, default=None,
+                        help="counted seconds per adaptserve scenario, over all rounds (default 90, --quick 28)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="uncounted seconds at the start of each round (default 10, --quick 8)")
+    parser.add_argument("--naive-measure", type=float, default=None,
+                        help="counted seconds for the naive server, which needs ~10 s per request "
+                        "(default 150, --quick 60)")
+    parser.add_argument("--naive-warmup", type=float, default=None, help="(default 12, --quick 12)")
+    parser.add_argument("--ramp-s", type=float, default=4.0, help="clients start spread over this long")
+    parser.add_argument("--base-model", default="smollm2-135m-instruct")
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/<time>.json)")
+    return parser
+
+
+def _defaults(options: argparse.Namespace) -> None:
+    for key, full, quick in (
+        ("rounds", 3, 1), ("measure", 90, 28), ("warmup", 10, 8), ("naive_measure", 150, 60), ("naive_warmup", 12, 12),
+    ):
+        if getattr(options, key) is None:
+            setattr(options, key, quick if options.quick else full)
+
+
+def _meta(options: argparse.Namespace, argv: list[str], started: str) -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    return {
+        "started": started,
+        "command": "adaptserve bench " + " ".join(argv),
+        "git_commit": commit.stdout.strip() or None,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        # The machine is shared: a high load average before or after explains a noisy run.
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = build_parser().parse_args(argv)
+    _defaults(options)
+    started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output = options.output or RESULTS_DIR / f"{started}.json"
+    meta = _meta(options, argv, started)
+    prompts = make_prompts(options.prompt_tokens)
+
+    with tempfile.TemporaryDirectory(prefix="adaptserve-bench-") as tmp, contextlib.ExitStack() as servers:
+        store, naive_store = Path(tmp) / "store", Path(tmp) / "naive-store"
+        count = max(options.adapters, options.many_adapters if "c" in options.scenarios else 0)
+        log(f"making {count} random LoRA adapters (r={options.ranks}, all 7 linear kinds) in {store}")
+        names = make_adapters(store, count, tuple(int(r) for r in options.ranks.split(",")), options.base_model)
+        plan = plan_scenarios(options, names)
+
+        # Both servers stay up for the whole run and take turns: an idle server costs no CPU,
+        # and interleaving lets a noisy neighbour hit every scenario alike.
+        running: dict[str, Server] = {}
+        if any(s.server == "naive" for s in plan):
+            # The naive server loads every adapter it finds; give it only the ones it serves.
+            naive_store.mkdir()
+            for name in names[: options.adapters]:
+                (naive_store / name).symlink_to(store / name, target_is_directory=True)
+            port = free_port()
+            log("starting the naive PEFT server")
+            running["naive"] = servers.enter_context(server_process(
+                "naive",
+                ["-m", "bench.naive_server", "--port", str(port), "--adapters-dir", str(naive_store),
+                 "--base-model", options.base_model],
+                port, output.with_suffix(".naive.log"), options.ready_timeout,
+            ))
+        if any(s.server == "adaptserve" for s in plan):
+            port = free_port()
+            log("starting adaptserve")
+            running["adaptserve"] = servers.enter_context(server_process(
+                "adaptserve",
+                ["-m", "server.cli", "serve", "--port", str(port), "--adapters-dir", str(store),
+                 "--base-model", options.base_model, "--max-device-adapters", str(max(32, count)),
+                 "--max-batch-size", str(options.concurrency), "--no-install-example-adapters",
+                 "--drain-timeout-s", "1"],
+                port, output.with_suffix(".adaptserve.log"), options.ready_timeout,
+            ))
+
+        measured = {s.name: Measured([], []) for s in plan}
+        for round_index in range(options.rounds):
+            label = f"round {round_index + 1}/{options.rounds} " if options.rounds > 1 else ""
+            for scenario in plan:
+                measure_round(running[scenario.server], scenario, options, prompts, measured[scenario.name], label)
+
+    runs = [result_row(s, measured[s.name], options) for s in plan]
+    meta["load_average_after"] = list(os.getloadavg())
+    targets = targets_for(runs, options.adapters, options.many_adapters)
+    print(format_table(runs))
+    print()
+    for target in targets:
+        if target.value is not None:
+            print(target.line())
+    write_json(output, meta, runs, targets)
+    print(f"\nwritten: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

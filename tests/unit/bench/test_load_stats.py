@@ -1,0 +1,102 @@
+"""The benchmark's arithmetic: percentiles, windowed summaries, the table and the JSON file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.load import make_prompts
+from bench.report import RequestRecord, Target, format_table, percentile, ratio, summarize, write_json
+
+
+def record(start: float, end: float, ttft: float | None = None, tokens: int = 64, streamed: bool = True,
+           error: str | None = None) -> RequestRecord:
+    return RequestRecord(start, end, end - start if ttft is None else ttft, 10, tokens, "length", streamed, error)
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == pytest.approx(2.5)
+    assert percentile(values, 95) == pytest.approx(3.85)
+    assert percentile([7.0], 95) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_summarize_counts_only_completions_inside_the_windows():
+    records = [
+        record(0.0, 5.0),  # finished during warm-up: ignored
+        record(4.0, 12.0, ttft=0.5),
+        record(6.0, 18.0, ttft=1.5),
+        record(15.0, 25.0),  # between the two windows: ignored
+        record(26.0, 31.0, ttft=1.0, tokens=32),
+        record(30.0, 33.0, error="HTTP 429: full"),
+    ]
+    summary = summarize(records, [(10.0, 20.0), (30.0, 40.0)])
+    assert summary["window_s"] == 20.0
+    assert summary["completed"] == 3
+    assert summary["errors"] == 1
+    assert summary["error_examples"] == ["HTTP 429: full"]
+    assert summary["tokens_per_s"] == pytest.approx((64 + 64 + 32) / 20)
+    assert summary["requests_per_s"] == pytest.approx(3 / 20)
+    assert summary["ttft_p50_s"] == pytest.approx(1.0)
+    assert summary["latency_p50_s"] == pytest.approx(8.0)
+    assert summary["mean_completion_tokens"] == pytest.approx(160 / 3, abs=0.05)
+    assert summary["ttft_is_latency"] is False
+
+
+def test_summarize_flags_ttft_from_a_server_that_does_not_stream():
+    summary = summarize([record(0.0, 9.0, streamed=False)], [(0.0, 10.0)])
+    assert summary["ttft_is_latency"] is True
+    assert summary["ttft_p50_s"] == summary["latency_p50_s"] == 9.0
+
+
+def test_summarize_with_nothing_completed():
+    summary = summarize([], [(0.0, 10.0)])
+    assert summary["completed"] == 0 and summary["tokens_per_s"] == 0.0
+    assert summary["ttft_p50_s"] is None and summary["mean_completion_tokens"] is None
+
+
+def test_ratio_and_targets():
+    assert ratio(90.0, 100.0) == 0.9
+    assert ratio(None, 100.0) is None and ratio(5.0, 0.0) is None
+    assert Target("x", 12.0, 10.0).met is True
+    assert Target("ttft", 2.0, 1.5, higher_is_better=False).met is False
+    assert Target("y", None, 1.0).met is None
+    assert "MISSED" in Target("ttft", 2.0, 1.5, higher_is_better=False).line()
+
+
+def test_table_aligns_columns_and_marks_unstreamed_ttft():
+    runs = [
+        {"name": "a: naive K=8", "server": "naive", "concurrency": 32, "adapters": 8, "completed": 6,
+         "tokens_per_s": 6.4, "requests_per_s": 0.1, "ttft_p50_s": 30.0, "ttft_p95_s": 50.0,
+         "latency_p50_s": 30.0, "latency_p95_s": 50.0, "mean_completion_tokens": 64.0, "peak_rss_mb": 900.0,
+         "ttft_is_latency": True},
+        {"name": "a: K=8", "server": "adaptserve", "concurrency": 32, "adapters": 8, "completed": 120,
+         "tokens_per_s": 80.25, "requests_per_s": 1.25, "ttft_p50_s": 0.8, "ttft_p95_s": None,
+         "latency_p50_s": 20.0, "latency_p95_s": 25.0, "mean_completion_tokens": 64.0, "peak_rss_mb": 1100.0},
+    ]
+    lines = format_table(runs).splitlines()
+    assert len({len(line) for line in lines[:4]}) == 1  # header, rule and rows share one width
+    assert "30.00*" in lines[2] and "80.2" in lines[3] and " - " in lines[3]
+    assert lines[-1].startswith("* the server streams nothing")
+
+
+def test_write_json_round_trips(tmp_path):
+    path = tmp_path / "results" / "run.json"
+    write_json(path, {"command": "adaptserve bench --quick"}, [{"name": "b: base", "tokens_per_s": 90.0}],
+               [Target("(b) adapters / base", 0.9, 0.85)])
+    document = json.loads(path.read_text())
+    assert document["meta"]["command"] == "adaptserve bench --quick"
+    assert document["runs"][0]["tokens_per_s"] == 90.0
+    assert document["targets"] == [
+        {"name": "(b) adapters / base", "value": 0.9, "goal": 0.85, "higher_is_better": True, "met": True}
+    ]
+
+
+def test_prompts_are_distinct_and_sized():
+    prompts = make_prompts(64)
+    assert len(set(prompts)) == len(prompts)
+    assert all(40 <= len(p.split()) <= 56 for p in prompts)
