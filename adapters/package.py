@@ -41,7 +41,7 @@ class ClassifierHead:
 @dataclass(frozen=True)
 class AdapterPackage:
     manifest: AdapterManifest
-    directory: Path
+    directory: Path | None  # None: built in memory (a per-request merge)
     modules: dict[str, LoraModule]  # canonical module name -> weights
     head: ClassifierHead | None
     warnings: tuple[str, ...] = ()
