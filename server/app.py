@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import adapters, health, infer, openai
+from server.api import adapters, health, infer, openai, ui
 from server.api.deps import InferenceKeyDep
 from server.api.disconnect import ClientGone
 from server.auth import Authenticator
@@ -216,6 +216,7 @@ def create_app(
     if surface in ("all", "public"):
         app.include_router(infer.router, dependencies=[InferenceKeyDep])
         app.include_router(openai.router, dependencies=[InferenceKeyDep])
+        app.include_router(ui.router)
     if surface in ("all", "admin"):
         app.include_router(adapters.router)
     app.add_middleware(RequestMiddleware, services=services, upload_paths=("/v1/adapters",))
