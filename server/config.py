@@ -67,6 +67,20 @@ class Settings(BaseSettings):
         description="How often the adapter store is rescanned, so replicas sharing it converge.",
     )
 
+    # --- task routes and merges ----------------------------------------------------------
+    routes_file: Path | None = Field(
+        None, description="Task routes (YAML/JSON) applied at start; its tasks overwrite the stored routes.",
+    )
+    max_merge_adapters: int = Field(
+        8, ge=1, le=64, description="Adapters per request in `adapters` (a merge or a classify fan-out).",
+    )
+    max_merge_rank: int = Field(
+        128, ge=1, le=4096, description="Largest rank a per-request merge may produce (cat sums the ranks).",
+    )
+    merge_cache_entries: int = Field(
+        16, ge=1, description="Per-request merged adapters kept in host memory (LRU beyond this).",
+    )
+
     # --- security (see SECURITY notes in README) --------------------------------------
     admin_host: str = Field("127.0.0.1", description="Address of the admin listener (with admin_port).")
     admin_port: int | None = Field(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Literal, Sequence
 
+from adapters.merge import MergeSpec
 from server.config import Settings
 from server.contract import (
     AdapterBinding,
@@ -21,10 +22,38 @@ from server.contract import (
     SamplingParams,
     TokenEvent,
 )
-from server.errors import AdapterTaskMismatch, LimitExceeded, UnsupportedForBase
+from server.errors import (
+    AdapterNotFound,
+    AdapterRejected,
+    AdapterTaskMismatch,
+    AdapterVersionNotFound,
+    InvalidParameter,
+    LimitExceeded,
+    UnsupportedForBase,
+)
+from server.merges import MergeCache
 from server.metrics import Metrics
 from server.registry import Registry
+from server.routing import BASE_FALLBACK, RouteTable
 from server.scheduler import Scheduler
+
+Kind = Literal["generate", "classify"]
+# A route's target that is absent or cannot be loaded: what its fallback stands in for.
+UNAVAILABLE = (AdapterNotFound, AdapterVersionNotFound, AdapterRejected)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one request runs on, resolved once before it is queued."""
+
+    binding: AdapterBinding | None  # None = the base model
+    task: str | None = None  # the route that chose it
+    fallback: bool = False  # the route's target was unavailable and its fallback served
+
+    @property
+    def label(self) -> str:
+        """`name@version` for logs and responses (a merge's version is its recipe hash)."""
+        return f"{self.binding.name}@{self.binding.version}" if self.binding else "__base__"
 
 
 @dataclass
@@ -37,15 +66,63 @@ class Completion:
 
 class InferenceService:
     def __init__(self, settings: Settings, info: EngineInfo, tokenizer_engine, registry: Registry,
-                 scheduler: Scheduler, metrics: Metrics):
+                 scheduler: Scheduler, metrics: Metrics, routes: RouteTable | None = None):
         self.settings = settings
         self.info = info
         self.engine = tokenizer_engine  # only tokenize/count_tokens are used off the engine thread
         self.registry = registry
         self.scheduler = scheduler
         self.metrics = metrics
+        self.routes = routes
+        self.merges = MergeCache(settings.merge_cache_entries, settings.max_merge_rank)
 
-    async def bind(self, ref: str | None, task: str) -> AdapterBinding | None:
+    async def resolve_target(self, kind: Kind, *, adapter: str | None = None, task: str | None = None,
+                             route_key: str | None = None, adapters: Sequence[tuple[str, float]] | None = None,
+                             merge: MergeSpec | None = None) -> Target:
+        """The one place a request's adapter is decided, for the native and the OpenAI API.
+
+        At most one of `adapter` (name or name@version), `task` (a route; `route_key` keeps a
+        caller on one side of a split) or `adapters` (weighted sources merged with `merge`,
+        default cat). None of them: the base.
+        """
+        if sum(x is not None for x in (adapter, task, adapters)) > 1:
+            raise InvalidParameter("give at most one of `adapter`, `task` or `adapters`", param="adapter")
+        if merge is not None and adapters is None:
+            raise InvalidParameter("`merge` needs `adapters` (the sources to merge)", param="merge")
+        if task is not None:
+            return await self._route(kind, task, route_key)
+        if adapters is not None:
+            sources = await self.bind_many(kind, [ref for ref, _ in adapters])
+            weighted = list(zip(sources, (float(w) for _, w in adapters)))
+            return Target(await self.merges.get(weighted, merge or MergeSpec()))
+        return Target(await self.bind(adapter, kind))
+
+    async def bind_many(self, kind: Kind, refs: Sequence[str]) -> list[AdapterBinding]:
+        if not refs:
+            raise InvalidParameter("`adapters` is empty", param="adapters")
+        if len(refs) > self.settings.max_merge_adapters:
+            raise LimitExceeded(f"{len(refs)} adapters; at most {self.settings.max_merge_adapters} per request",
+                                param="adapters")
+        return [await self.bind(ref, kind) for ref in refs]
+
+    async def _route(self, kind: Kind, task: str, route_key: str | None) -> Target:
+        route = self.routes.get(task) if self.routes is not None else None
+        if route is None:
+            raise AdapterNotFound(f"no route for task {task!r}", param="task")
+        chosen = route.choose(route_key)
+        try:
+            target = Target(await self.bind(chosen.adapter, kind), task)
+        except UNAVAILABLE:
+            if route.fallback is None:
+                self.metrics.task_requests.labels(task, "__none__", "failed").inc()
+                raise
+            fallback = None if route.fallback == BASE_FALLBACK else await self.bind(route.fallback, kind)
+            target = Target(fallback, task, fallback=True)
+        served = target.binding.name if target.binding else "__base__"
+        self.metrics.task_requests.labels(task, served, "fallback" if target.fallback else "routed").inc()
+        return target
+
+    async def bind(self, ref: str | None, task: Kind) -> AdapterBinding | None:
         if ref is None:
             return None
         binding = await self.registry.bind(ref)
@@ -81,14 +158,18 @@ class InferenceService:
         )
 
     async def prepare_generation(self, prompt: str | None, messages: Sequence[dict] | None,
-                                 adapter_ref: str | None, params: SamplingParams) -> GenerationRequest:
+                                 target: Target | str | None, params: SamplingParams) -> GenerationRequest:
+        """`target`: resolved by resolve_target, or an adapter ref (None = the base)."""
         if self.info.kind != "decoder":
             raise UnsupportedForBase(
                 f"base {self.info.base_id} is an encoder: it serves /v1/classify only", param="prompt"
             )
         if messages is not None and not self.info.has_chat_template:
             raise UnsupportedForBase("this base has no chat template; send `prompt`", param="messages")
-        binding = await self.bind(adapter_ref, "generate")
+        if not isinstance(target, Target):
+            target = Target(await self.bind(target, "generate"))
+        elif target.binding is not None and target.binding.package.manifest.task != "generate":
+            raise AdapterTaskMismatch(f"{target.label} is a classify adapter; use /v1/classify", param="adapter")
         prompt_ids = await asyncio.to_thread(self.engine.tokenize, prompt, messages)
         limit = min(self.settings.max_prompt_tokens, self.info.max_context - 1)
         if len(prompt_ids) > limit:
@@ -99,7 +180,7 @@ class InferenceService:
             request_id=self.scheduler.new_request_id(),
             prompt_ids=tuple(prompt_ids),
             params=params,
-            adapter=binding,
+            adapter=target.binding,
             deadline=time.monotonic() + self.settings.request_timeout_s,
         )
 
@@ -125,20 +206,37 @@ class InferenceService:
                 return Completion("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens)
         raise RuntimeError("generation ended without a final event")
 
-    async def classify(self, texts: list[str], adapter_ref: str) -> tuple[AdapterBinding, list[ClassifyResult]]:
+    async def classify(self, texts: list[str], target: Target | str) -> tuple[AdapterBinding, list[ClassifyResult]]:
+        if not isinstance(target, Target):
+            target = Target(await self.bind(target, "classify"))
+        [results] = await self.classify_fanout(texts, [target])
+        return target.binding, results
+
+    async def classify_fanout(self, texts: list[str], targets: Sequence[Target]) -> list[list[ClassifyResult]]:
+        """Every target's result for every text, as one batch for the engine (rows may use
+        different adapters; the backbone runs once per batch). Result [t][i]: target t, text i."""
         if not texts:
             raise LimitExceeded("inputs is empty", param="inputs")
-        if len(texts) > self.settings.max_classify_inputs:
+        rows = len(texts) * len(targets)
+        if rows > self.settings.max_classify_inputs:
             raise LimitExceeded(
-                f"{len(texts)} inputs; at most {self.settings.max_classify_inputs} per call", param="inputs"
+                f"{len(texts)} inputs x {len(targets)} adapters = {rows} rows; at most "
+                f"{self.settings.max_classify_inputs} per call", param="inputs"
             )
-        binding = await self.bind(adapter_ref, "classify")
+        for target in targets:
+            if target.binding is None:
+                raise UnsupportedForBase("classification needs an adapter with a classifier head", param="adapter")
+            if target.binding.package.manifest.task != "classify":
+                raise AdapterTaskMismatch(f"{target.label} is a generate adapter; use /v1/generate", param="adapter")
         limit = min(self.settings.max_prompt_tokens, self.info.max_context)
         for index, text in enumerate(texts):
             # A cheap character bound first, so a huge text is refused before it is tokenized.
             if len(text) > limit * 16 or await asyncio.to_thread(self.engine.count_tokens, text) > limit:
                 raise LimitExceeded(f"inputs[{index}] is longer than {limit} tokens", param=f"inputs.{index}")
         self.scheduler.check_capacity()
-        results = await self.scheduler.classify([ClassifyItem(t, binding) for t in texts])
-        self.metrics.prompt_tokens.labels(binding.name).inc(sum(r.prompt_tokens for r in results))
-        return binding, results
+        items = [ClassifyItem(text, target.binding) for target in targets for text in texts]
+        results = await self.scheduler.classify(items)
+        grouped = [results[i * len(texts):(i + 1) * len(texts)] for i in range(len(targets))]
+        for target, group in zip(targets, grouped):
+            self.metrics.prompt_tokens.labels(target.binding.name).inc(sum(r.prompt_tokens for r in group))
+        return grouped

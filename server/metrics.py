@@ -153,6 +153,12 @@ class Metrics:
             "adaptserve_adapter_uploads", "Adapter uploads by outcome (created, unchanged, rejected, too_large, "
             "error).", ["outcome"], registry=r,
         )
+        # Bounded by the operator's routes: task names and their targets, not caller input.
+        self.task_requests = Counter(
+            "adaptserve_task_requests", "Requests that named a task, by the adapter that served it (`__base__` "
+            "for a base fallback) and how: routed, fallback, or failed (target unavailable, no fallback).",
+            ["task", "adapter", "route"], registry=r,
+        )
         self.queue_depth = Gauge("adaptserve_queue_depth", "Requests waiting for a batch row.", registry=r)
         self.running_rows = Gauge("adaptserve_running_rows", "Rows in the running batch.", registry=r)
 

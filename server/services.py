@@ -23,6 +23,7 @@ from server.contract import Engine, EngineInfo, GenerationRequest, SamplingParam
 from server.inference import InferenceService
 from server.metrics import Metrics
 from server.registry import DeviceTier, Registry
+from server.routing import RouteTable, load_routes_file
 from server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Services:
     scheduler: Scheduler | None = None
     registry: Registry | None = None
     inference: InferenceService | None = None
+    routes: RouteTable | None = None
     watcher: asyncio.Task | None = None  # rescans the adapter store so replicas converge
     ready: bool = False
     draining: bool = False
@@ -72,12 +74,17 @@ class Services:
             if self.settings.install_example_adapters:
                 await asyncio.to_thread(install_example_adapters, self.settings.adapters_dir, signature.canonical_id)
             await self.registry.refresh()
+            self.routes = RouteTable(self.settings.adapters_dir, self.settings.store_poll_interval_s)
+            if self.settings.routes_file is not None:
+                # A bad file stops the start: better than serving with routes silently missing.
+                await asyncio.to_thread(self.routes.put_many, load_routes_file(self.settings.routes_file))
             self.scheduler = Scheduler(self.engine, self.settings.max_queue)
             self.scheduler.start()
             self.registry.device = DeviceTier(self.engine, self.scheduler)
             self.watcher = asyncio.create_task(self.registry.watch(self.settings.store_poll_interval_s))
             self.inference = InferenceService(
-                self.settings, self.engine.info, self.engine, self.registry, self.scheduler, self.metrics
+                self.settings, self.engine.info, self.engine, self.registry, self.scheduler, self.metrics,
+                routes=self.routes,
             )
             await self._warm_up()
         except Exception as exc:

@@ -10,28 +10,51 @@ from fastapi.responses import StreamingResponse
 
 from server.api.deps import ReadyServicesDep
 from server.api.disconnect import unless_disconnected
+from adapters.merge import MergeSpec
 from server.api.schemas import (
     AdapterRefOut,
+    AdapterResultOut,
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResultOut,
     ErrorResponse,
+    FanoutClassifyResponse,
+    FanoutResultOut,
     GenerateRequest,
     GenerateResponse,
+    TargetFields,
     Usage,
 )
-from server.contract import GenerationRequest
-from server.inference import InferenceService
+from server.contract import AdapterBinding, GenerationRequest
+from server.inference import InferenceService, Kind, Target
 
 router = APIRouter(tags=["inference"])
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503)}
 
 
-def _adapter_out(request: GenerationRequest) -> AdapterRefOut | None:
-    if request.adapter is None:
+ROUTE_KEY_HEADER = "x-route-key"  # keeps one caller on one side of a task route's split
+
+
+def _adapter_out(binding: AdapterBinding | None) -> AdapterRefOut | None:
+    if binding is None:
         return None
-    return AdapterRefOut(name=request.adapter.name, version=request.adapter.version)
+    return AdapterRefOut(name=binding.name, version=binding.version)
+
+
+async def _resolve(inference: InferenceService, body: TargetFields, kind: Kind, http_request: Request) -> Target:
+    target = await inference.resolve_target(
+        kind, adapter=body.adapter, task=body.task, route_key=http_request.headers.get(ROUTE_KEY_HEADER),
+        adapters=[(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None,
+        merge=MergeSpec(**body.merge.model_dump()) if body.merge is not None else None,
+    )
+    _log_target(http_request, target)
+    return target
+
+
+def _log_target(http_request: Request, target: Target) -> None:
+    http_request.state.adapter = target.binding.name if target.binding else None
+    http_request.state.adapter_ref = target.label if target.binding else None
 
 
 @router.post(
@@ -45,12 +68,12 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
         body.max_new_tokens, body.temperature, body.top_p, body.top_k, body.seed, body.stop_list()
     )
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
-    request = await inference.prepare_generation(body.prompt, messages, body.adapter, params)
-    http_request.state.adapter = request.adapter.name if request.adapter else None
+    target = await _resolve(inference, body, "generate", http_request)
+    request = await inference.prepare_generation(body.prompt, messages, target, params)
     if body.stream:
         inference.scheduler.check_capacity()
         return StreamingResponse(
-            _sse(inference, request), media_type="text/event-stream",
+            _sse(inference, request, target), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     completion = await unless_disconnected(http_request, inference.complete(request, "generate"))
@@ -58,12 +81,14 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
         text=completion.text,
         finish_reason=completion.finish_reason,
         usage=Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens),
-        adapter=_adapter_out(request),
+        adapter=_adapter_out(request.adapter),
+        task=target.task,
+        fallback=target.fallback,
     )
 
 
-async def _sse(inference: InferenceService, request: GenerationRequest) -> AsyncIterator[str]:
-    adapter = _adapter_out(request)
+async def _sse(inference: InferenceService, request: GenerationRequest, target: Target) -> AsyncIterator[str]:
+    adapter = _adapter_out(request.adapter)
     async for event in inference.stream(request, "generate"):
         if event.finished:
             final = {
@@ -71,6 +96,8 @@ async def _sse(inference: InferenceService, request: GenerationRequest) -> Async
                 "finish_reason": event.finish_reason,
                 "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
                 "adapter": adapter.model_dump() if adapter else None,
+                "task": target.task,
+                "fallback": target.fallback,
             }
             if event.error:
                 final["error"] = {"code": "engine_error", "message": event.error}
@@ -81,12 +108,36 @@ async def _sse(inference: InferenceService, request: GenerationRequest) -> Async
             yield f"data: {json.dumps({'text': event.text})}\n\n"
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
-async def classify(body: ClassifyRequest, services: ReadyServicesDep, http_request: Request) -> ClassifyResponse:
-    http_request.state.adapter = body.adapter.partition("@")[0]
-    binding, results = await services.inference.classify(body.texts(), body.adapter)
+@router.post("/v1/classify", response_model=ClassifyResponse | FanoutClassifyResponse, responses=ERRORS)
+async def classify(body: ClassifyRequest, services: ReadyServicesDep,
+                   http_request: Request) -> ClassifyResponse | FanoutClassifyResponse:
+    inference = services.inference
+    if body.adapters is not None and body.merge is None:
+        return await _fanout(inference, body)
+    target = await _resolve(inference, body, "classify", http_request)
+    binding, results = await inference.classify(body.texts(), target)
     return ClassifyResponse(
         results=[ClassifyResultOut(label=r.label, score=r.score, scores=r.scores) for r in results],
-        adapter=AdapterRefOut(name=binding.name, version=binding.version),
+        adapter=_adapter_out(binding),
         usage=Usage(prompt_tokens=sum(r.prompt_tokens for r in results), completion_tokens=0),
+        task=target.task,
+        fallback=target.fallback,
     )
+
+
+async def _fanout(inference: InferenceService, body: ClassifyRequest) -> FanoutClassifyResponse:
+    """Several classifiers over the same inputs, one engine batch; weights do not apply here."""
+    bindings = await inference.bind_many("classify", [a.name for a in body.adapters])
+    texts = body.texts()
+    grouped = await inference.classify_fanout(texts, [Target(b) for b in bindings])
+    refs = [_adapter_out(b) for b in bindings]
+    per_input = [
+        FanoutResultOut(results=[
+            AdapterResultOut(adapter=ref, label=group[i].label, score=group[i].score, scores=group[i].scores)
+            for ref, group in zip(refs, grouped)
+        ])
+        for i in range(len(texts))
+    ]
+    # The backbone reads each text once per adapter row; report the tokens as processed.
+    tokens = sum(r.prompt_tokens for group in grouped for r in group)
+    return FanoutClassifyResponse(results=per_input, adapters=refs, usage=Usage(prompt_tokens=tokens, completion_tokens=0))

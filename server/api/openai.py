@@ -51,6 +51,7 @@ from server.services import Services
 MAX_N = 4
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 503)}
+TASK_PREFIX = "task:"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -112,10 +113,8 @@ def adapter_ref_for(model: str, services: Services) -> str | None:
     base_names = {services.info.base_id, services.settings.base_model}
     if not model or model in base_names:
         return None
-    if model.startswith("task:"):
-        raise AdapterNotFound(
-            f"model {model!r}: task routing is not configured on this server; name an adapter", param="model"
-        )
+    if model.startswith(TASK_PREFIX):
+        raise AdapterNotFound(f"model {model!r} is a task route, not a model: use it in completions", param="model")
     base, colon, adapter = model.rpartition(":")
     if colon:
         if base not in base_names or not adapter:
@@ -261,17 +260,18 @@ async def _prepare(services: Services, body: CompletionRequest | ChatCompletionR
                    limit: int | None, limit_param: str, input_param: str) -> list[GenerationRequest]:
     """One engine request per choice, in OpenAI's choice order (prompt-major, then n).
 
-    Every choice runs on the same adapter version: the first binding pins it for the rest.
+    Every choice runs on the same adapter version: the target is resolved once for all of them.
     """
     inference = services.inference
-    with _openai_params(adapter="model", prompt=input_param, max_new_tokens=limit_param):
+    with _openai_params(adapter="model", task="model", prompt=input_param, max_new_tokens=limit_param):
         params = inference.sampling_params(limit, body.temperature, body.top_p, 0, body.seed, body.stop_list())
-        ref = adapter_ref_for(body.model, services)
+        # `task:<name>` picks through a task route; `user` keeps one end user on one side of a split.
+        task = body.model.removeprefix(TASK_PREFIX) if body.model.startswith(TASK_PREFIX) else None
+        ref = None if task else adapter_ref_for(body.model, services)
+        target = await inference.resolve_target("generate", adapter=ref, task=task, route_key=body.user)
         requests: list[GenerationRequest] = []
         for item in inputs:
-            first = await inference.prepare_generation(item.get("prompt"), item.get("messages"), ref, params)
-            if first.adapter is not None:
-                ref = f"{first.adapter.name}@{first.adapter.version}"
+            first = await inference.prepare_generation(item.get("prompt"), item.get("messages"), target, params)
             for index in range(body.n):
                 seed = None if body.seed is None else (body.seed + index) % 2**63
                 requests.append(dataclasses.replace(

@@ -13,14 +13,51 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class GenerateRequest(BaseModel):
+class WeightedAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, description="Adapter name or name@version.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Weight of this adapter's delta-W in the sum.")
+
+
+class MergeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["cat", "linear", "svd", "ties", "dare_linear", "dare_ties"] = Field(
+        "cat", description="cat: exact weighted sum (rank = sum of ranks). The others act on delta-W and are "
+        "re-factored by SVD to `rank`.",
+    )
+    density: float | None = Field(None, gt=0.0, le=1.0, description="ties/dare: fraction of each delta-W kept.")
+    rank: int | None = Field(None, ge=1, description="svd family: rank of the result.")
+    majority_sign: Literal["total", "frequency"] = Field("total", description="ties/dare_ties sign election.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="dare: seed of the random drop.")
+
+
+class TargetFields(BaseModel):
+    """How a request picks what it runs on: one of `adapter`, `task` or `adapters` (+ `merge`)."""
+
+    adapter: str | None = Field(None, description="Adapter name or name@version; omit for the base.")
+    task: str | None = Field(None, description="A task route's name; the route picks the adapter version.")
+    adapters: list[WeightedAdapter] | None = Field(
+        None, min_length=1, description="Several adapters: merged (generate; classify with `merge`) or, on "
+        "classify without `merge`, each one's result per input.",
+    )
+    merge: MergeIn | None = Field(None, description="How `adapters` are merged (default cat).")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if sum(x is not None for x in (self.adapter, self.task, self.adapters)) > 1:
+            raise ValueError("give at most one of `adapter`, `task` or `adapters`")
+        if self.merge is not None and self.adapters is None:
+            raise ValueError("`merge` needs `adapters`")
+        return self
+
+
+class GenerateRequest(TargetFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str | None = Field(None, description="Raw prompt text; give this or `messages`.")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, description="Chat turns, rendered with the base's chat template."
     )
-    adapter: str | None = Field(None, description="Adapter name or name@version; omit for the base.")
     max_new_tokens: int | None = Field(None, ge=1, description="Defaults to the server's default.")
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -56,12 +93,19 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     adapter: AdapterRefOut | None
+    task: str | None = Field(None, description="The route that picked `adapter`, when the request named a task.")
+    fallback: bool = Field(False, description="The route's target was unavailable; its fallback served.")
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(TargetFields):
     model_config = ConfigDict(extra="forbid")
     inputs: str | list[str] = Field(..., description="One text or a list of texts.")
-    adapter: str = Field(..., min_length=1, description="A classification adapter: name or name@version.")
+
+    @model_validator(mode="after")
+    def _needs_target(self) -> "ClassifyRequest":
+        if self.adapter is None and self.task is None and self.adapters is None:
+            raise ValueError("give `adapter`, `task` or `adapters`: classification needs an adapter's head")
+        return self
 
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
@@ -76,6 +120,24 @@ class ClassifyResultOut(BaseModel):
 class ClassifyResponse(BaseModel):
     results: list[ClassifyResultOut]
     adapter: AdapterRefOut
+    usage: Usage
+    task: str | None = None
+    fallback: bool = False
+
+
+class AdapterResultOut(ClassifyResultOut):
+    adapter: AdapterRefOut
+
+
+class FanoutResultOut(BaseModel):
+    results: list[AdapterResultOut] = Field(..., description="One per adapter, in the request's order.")
+
+
+class FanoutClassifyResponse(BaseModel):
+    """`adapters` without `merge`: every adapter's result for every input (results[i] = input i)."""
+
+    results: list[FanoutResultOut]
+    adapters: list[AdapterRefOut]
     usage: Usage
 
 
