@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
 from server.api.deps import ReadyServicesDep
+from server.api.disconnect import unless_disconnected
 from server.api.openai_schemas import (
     ChatChoice,
     ChatCompletionRequest,
@@ -345,7 +346,7 @@ async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesD
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(len(requests))]
         return _stream_response(services, _sse(run, include_usage, chunk, opening))
-    texts, reasons = await run.collect()
+    texts, reasons = await unless_disconnected(http_request, run.collect())
     return ChatCompletionResponse(
         id=run.id, created=run.created, model=run.model, usage=run.usage(),
         choices=[ChatChoice(index=i, message=ChatMessageOut(content=t), finish_reason=r)
@@ -370,7 +371,7 @@ async def completions(body: CompletionRequest, services: ReadyServicesDep, http_
             return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
         return _stream_response(services, _sse(run, include_usage, chunk, []))
-    texts, reasons = await run.collect()
+    texts, reasons = await unless_disconnected(http_request, run.collect())
     return CompletionResponse(
         id=run.id, created=run.created, model=run.model, usage=run.usage(),
         choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],

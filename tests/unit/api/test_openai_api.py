@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import openai
 import pytest
@@ -23,6 +24,17 @@ def base_id(llama_server) -> str:
 
 def version_of(llama_server, name: str) -> str:
     return llama_server.services.registry.entries[name].current
+
+
+def access_line(caplog, request_id: str) -> dict:
+    # The server logs after the last byte is sent, so the client can be a moment ahead.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for record in caplog.records:
+            if record.name == "adaptserve.access" and json.loads(record.getMessage())["request_id"] == request_id:
+                return json.loads(record.getMessage())
+        time.sleep(0.02)
+    raise AssertionError(f"no access log line for {request_id}")
 
 
 def chat(client, model: str, **kwargs) -> openai.types.chat.ChatCompletion:
@@ -139,10 +151,20 @@ def test_one_json_log_line_per_request(client, llama_server, caplog):
     )
     response = raw.parse()
     assert raw.headers["x-request-id"] == "trace-123" and response.id == "chatcmpl-trace-123"
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "adaptserve.access"]
-    line = next(x for x in lines if x["request_id"] == "trace-123")
+    line = access_line(caplog, "trace-123")
     assert line["adapter"] == f"gen-a@{version_of(llama_server, 'gen-a')}"
     assert line["status"] == 200 and line["user"] == "alice" and line["model"] == "gen-a"
     assert line["prompt_tokens"] == response.usage.prompt_tokens
     assert line["completion_tokens"] == response.usage.completion_tokens
     assert line["total_ms"] >= line["ttft_ms"] > 0
+
+
+def test_a_streamed_request_logs_its_tokens_once_the_stream_ends(client, caplog):
+    caplog.set_level(logging.INFO, logger="adaptserve.access")
+    chunks = list(client.completions.create(
+        model="gen-b", prompt="one two", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_headers={"X-Request-Id": "trace-456"},
+    ))
+    line = access_line(caplog, "trace-456")
+    assert chunks[0].id == "cmpl-trace-456" and line["status"] == 200
+    assert line["completion_tokens"] == chunks[-1].usage.completion_tokens > 0
