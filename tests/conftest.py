@@ -216,3 +216,31 @@ def llama_server(tiny_llama, llama_adapters, tmp_path_factory):
     running = start_server(tiny_settings(tiny_llama, store, tmp_path_factory.mktemp("srv")))
     yield running
     stop_server(running)
+
+
+ADMIN_TOKEN = "admin-secret"
+
+
+@pytest.fixture(scope="session")
+def routed_replicas(tiny_llama, llama_adapters, tmp_path_factory):
+    """Two servers sharing one store (routes + merges tests): A starts with a routes file, B without.
+
+    Sources beyond llama_adapters: gen-c (r=4, the one that gets a new version in the merge
+    cache test), sentiment2 (same labels as sentiment) and topic (other labels) for classify."""
+    import shutil
+
+    store = tmp_path_factory.mktemp("replica-store")
+    for name in ("gen-a", "gen-b", "sentiment"):
+        shutil.copytree(llama_adapters[name], store / name)
+    make_lora(tiny_llama, store / "gen-c", r=4, seed=9, weight_scale=3.0, targets=("q_proj", "o_proj"))
+    make_lora(tiny_llama, store / "sentiment2", task="SEQ_CLS", r=2, seed=4, labels=["negative", "neutral", "positive"])
+    make_lora(tiny_llama, store / "topic", task="SEQ_CLS", r=4, seed=5, labels=["sport", "tech"])
+    routes = tmp_path_factory.mktemp("routes") / "routes.yaml"
+    routes.write_text("chat:\n  targets:\n    - {adapter: gen-a, weight: 90}\n    - {adapter: gen-b, weight: 10}\n"
+                      "mood: {adapter: sentiment}\n")
+    common = dict(admin_token=ADMIN_TOKEN, store_poll_interval_s=0.2, max_merge_rank=16)
+    first = start_server(tiny_settings(tiny_llama, store, tmp_path_factory.mktemp("a"), routes_file=routes, **common))
+    second = start_server(tiny_settings(tiny_llama, store, tmp_path_factory.mktemp("b"), **common))
+    yield first, second
+    stop_server(second)
+    stop_server(first)
