@@ -99,9 +99,10 @@ class RequestMiddleware:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         started = time.monotonic()
         status_holder = {"status": 500}
-        # Handlers read the id (OpenAI response ids) and leave log fields beside it.
+        # Handlers read the id (OpenAI response ids) and arrival time, and leave log fields beside them.
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        state["arrived"] = started
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

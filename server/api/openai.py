@@ -198,7 +198,6 @@ class _Run:
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(choice index, event) from every choice as they arrive; closing it cancels the rest."""
         queue: asyncio.Queue[tuple[int, TokenEvent | Exception]] = asyncio.Queue()
-        started = time.monotonic()
 
         async def pump(index: int, request: GenerationRequest) -> None:
             try:
@@ -215,7 +214,7 @@ class _Run:
                 if isinstance(item, Exception):
                     raise item
                 if item.token_ids and getattr(self.state, "ttft_ms", None) is None:
-                    self.state.ttft_ms = round((time.monotonic() - started) * 1000, 1)
+                    self.state.ttft_ms = round((time.monotonic() - self.state.arrived) * 1000, 1)
                 if item.finished:
                     remaining -= 1
                     # Choices of one prompt share it: OpenAI counts its tokens once.
@@ -306,7 +305,8 @@ async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, str, str | 
     except AdaptserveError as exc:
         # Headers are gone; the `openai` client raises APIError on an `error` event.
         run.state.error = exc.code
-        yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message, 'type': 'server_error', 'param': None}})}\n\n"
+        error = {"code": exc.code, "message": exc.message, "type": "server_error", "param": None}
+        yield f"data: {json.dumps({'error': error})}\n\n"
     else:
         if include_usage:
             yield frame([], run.usage())
