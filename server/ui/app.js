@@ -280,7 +280,9 @@ function renderRejected(rejected) {
 function problemList(problems, attrs = {}) {
   return el("ul", { class: "problems", ...attrs }, problems.map((problem) => {
     const match = /^(\S+): (.+)$/.exec(problem);
-    return match ? el("li", {}, el("code", { text: match[1] }), ` ${match[2]}`) : el("li", { text: problem });
+    const item = el("li", { "data-problem": problem });
+    item.append(...(match ? [el("code", { text: match[1] }), ` ${match[2]}`] : [problem]));
+    return item;
   }));
 }
 
@@ -498,9 +500,11 @@ async function run() {
   const columns = state.lastRequests.map(makeColumn);
   $("#columns").replaceChildren(...columns.map((c) => c.node));
   $("#columns").dataset.state = "running";
+  $("#columns").setAttribute("aria-busy", "true");
   const runOne = mode() === "classify" ? classifyColumn : streamColumn;
   await Promise.all(state.lastRequests.map((request, i) => runOne(columns[i], request)));
   $("#columns").dataset.state = "done";
+  $("#columns").removeAttribute("aria-busy");
   status.textContent = "Done.";
 }
 
