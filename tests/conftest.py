@@ -234,7 +234,7 @@ def routed_replicas(tiny_llama, llama_adapters, tmp_path_factory):
         shutil.copytree(llama_adapters[name], store / name)
     make_lora(tiny_llama, store / "gen-c", r=4, seed=9, weight_scale=3.0, targets=("q_proj", "o_proj"))
     make_lora(tiny_llama, store / "sentiment2", task="SEQ_CLS", r=2, seed=4, labels=["negative", "neutral", "positive"])
-    make_lora(tiny_llama, store / "topic", task="SEQ_CLS", r=4, seed=5, labels=["sport", "tech"])
+    make_lora(tiny_llama, store / "topic", task="SEQ_CLS", r=4, seed=5, num_labels=2, labels=["sport", "tech"])
     routes = tmp_path_factory.mktemp("routes") / "routes.yaml"
     routes.write_text("chat:\n  targets:\n    - {adapter: gen-a, weight: 90}\n    - {adapter: gen-b, weight: 10}\n"
                       "mood: {adapter: sentiment}\n")

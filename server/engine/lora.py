@@ -77,7 +77,10 @@ class SlotLoRALinear(nn.Module):
         self.lora_a, self.lora_b, self.r_cap = new_a, new_b, new_cap
         self.scale = self.scale.to(device)
 
-    @torch.no_grad()
+    # Inference mode, not no_grad: the engine steps in inference mode, so a pool grown during
+    # admission holds inference tensors, which only inference mode may update in place (an
+    # eviction from the registry's budget pass would otherwise raise).
+    @torch.inference_mode()
     def load_slot(self, slot: int, weights: LoraModule, dtype: torch.dtype, device: torch.device) -> None:
         if self.lora_a is None or weights.rank > self.r_cap:
             self._grow(weights.rank, dtype, device)
@@ -87,7 +90,7 @@ class SlotLoRALinear(nn.Module):
         self.scale[slot] = weights.scale
         self.loaded[slot] = True
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None and self.loaded[slot]:
             self.lora_a[slot].zero_()
