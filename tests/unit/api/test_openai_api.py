@@ -168,3 +168,22 @@ def test_a_streamed_request_logs_its_tokens_once_the_stream_ends(client, caplog)
     line = access_line(caplog, "trace-456")
     assert chunks[0].id == "cmpl-trace-456" and line["status"] == 200
     assert line["completion_tokens"] == chunks[-1].usage.completion_tokens > 0
+
+
+def test_api_keys_work_as_the_clients_api_key(tiny_llama, llama_adapters, tmp_path):
+    from pydantic import SecretStr
+
+    from tests.conftest import start_server, stop_server, tiny_settings
+
+    store = next(iter(llama_adapters.values())).parent
+    running = start_server(tiny_settings(tiny_llama, store, tmp_path, api_keys=[SecretStr("sk-good")]))
+    try:
+        url = running.url + "/v1"
+        # OpenAI answers a wrong key with 401; either status surfaces as the client's own type.
+        with pytest.raises((openai.AuthenticationError, openai.PermissionDeniedError)) as caught:
+            openai.OpenAI(base_url=url, api_key="sk-bad", max_retries=0).models.list()
+        assert caught.value.body["message"] and caught.value.body["type"]
+        good = openai.OpenAI(base_url=url, api_key="sk-good", max_retries=0)
+        assert chat(good, "gen-a").choices[0].message.content is not None
+    finally:
+        stop_server(running)
