@@ -141,6 +141,7 @@ DELEGATED = {
     "compare": ("trainer.cli", "main", True),
     "push": ("trainer.cli", "main", True),
     "bench": ("bench.run", "main", False),
+    "export": ("adapters.export", "main", False),
 }
 
 
