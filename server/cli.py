@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import ipaddress
 import logging
@@ -66,17 +67,21 @@ async def _serve(settings: Settings) -> None:
 
     from server.app import create_app
 
+    class DrainingServer(uvicorn.Server):
+        """Signals are adaptserve's (drain, then exit); uvicorn's own would stop serving at once."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
     app = create_app(settings, surface="public" if settings.admin_port is not None else "all")
     services = app.state.services
-    servers = [uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+    servers = [DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
                                              log_level=settings.log_level, lifespan="on"))]
     if settings.admin_port is not None:
         admin = create_app(settings, services=services, surface="admin")
-        servers.append(uvicorn.Server(uvicorn.Config(admin, host=settings.admin_host, port=settings.admin_port,
+        servers.append(DrainingServer(uvicorn.Config(admin, host=settings.admin_host, port=settings.admin_port,
                                                      log_level=settings.log_level, lifespan="on")))
-    for server in servers:
-        # Our own SIGTERM handling drains first (below); uvicorn's would stop accepting at once.
-        server.install_signal_handlers = lambda: None
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -87,7 +92,8 @@ async def _serve(settings: Settings) -> None:
         await stop.wait()
         services.draining = True  # /readyz -> 503, new requests -> 503 at once
         deadline = time.monotonic() + settings.drain_timeout_s
-        logger.info("draining: up to %.0f s for running requests", settings.drain_timeout_s)
+        logger.warning("SIGTERM: draining %d running requests (up to %.0f s)",
+                       services.scheduler.in_flight if services.scheduler else 0, settings.drain_timeout_s)
         while time.monotonic() < deadline and services.scheduler is not None and services.scheduler.in_flight:
             await asyncio.sleep(0.1)
         for server in servers:
