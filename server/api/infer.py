@@ -48,13 +48,10 @@ async def _resolve(inference: InferenceService, body: TargetFields, kind: Kind, 
         adapters=[(a.name, a.weight) for a in body.adapters] if body.adapters is not None else None,
         merge=MergeSpec(**body.merge.model_dump()) if body.merge is not None else None,
     )
-    _log_target(http_request, target)
-    return target
-
-
-def _log_target(http_request: Request, target: Target) -> None:
+    # For the request's metrics and log line (written by the middleware).
     http_request.state.adapter = target.binding.name if target.binding else None
     http_request.state.adapter_ref = target.label if target.binding else None
+    return target
 
 
 @router.post(
