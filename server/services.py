@@ -73,14 +73,15 @@ class Services:
             )
             if self.settings.install_example_adapters:
                 await asyncio.to_thread(install_example_adapters, self.settings.adapters_dir, signature.canonical_id)
-            await self.registry.refresh()
             self.routes = RouteTable(self.settings.adapters_dir, self.settings.store_poll_interval_s)
             if self.settings.routes_file is not None:
                 # A bad file stops the start: better than serving with routes silently missing.
                 await asyncio.to_thread(self.routes.put_many, load_routes_file(self.settings.routes_file))
             self.scheduler = Scheduler(self.engine, self.settings.max_queue)
             self.scheduler.start()
+            # The device tier first, so the first scan already warms pinned adapters into slots.
             self.registry.device = DeviceTier(self.engine, self.scheduler)
+            await self.registry.refresh()
             self.watcher = asyncio.create_task(self.registry.watch(self.settings.store_poll_interval_s))
             self.inference = InferenceService(
                 self.settings, self.engine.info, self.engine, self.registry, self.scheduler, self.metrics,

@@ -64,7 +64,7 @@ def stop(replica: Replica) -> None:
     if replica.process.poll() is None:
         replica.process.send_signal(signal.SIGTERM)
         try:
-            replica.process.wait(15)
+            replica.process.wait(5)
         except subprocess.TimeoutExpired:
             replica.process.kill()
             replica.process.wait()
@@ -74,6 +74,14 @@ def stop(replica: Replica) -> None:
 def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("replica-sources")
     return {k: make_lora(tiny_llama, root / k, seed=s, weight_scale=3.0) for k, s in (("v1", 21), ("v2", 22))}
+
+
+@dataclass
+class Pair:
+    a: Replica
+    b: Replica  # replaced when a test kills and restarts it
+    store: Path
+    workdir: Path
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +94,10 @@ def pair(tiny_llama, tmp_path_factory):
     except Exception:
         stop(a)
         raise
-    yield a, b
-    stop(a)
-    stop(b)
+    replicas = Pair(a, b, store, workdir)
+    yield replicas
+    stop(replicas.a)
+    stop(replicas.b)
 
 
 def upload(client: httpx.Client, name: str, directory: Path) -> httpx.Response:
@@ -112,7 +121,7 @@ def current_on(client: httpx.Client, name: str) -> str | None:
 
 
 def test_replicas_converge_within_five_seconds(pair, adapters):
-    a, b = pair
+    a, b = pair.a, pair.b
     timings = {}
     with a.client() as on_a, b.client() as on_b:
         v1 = upload(on_a, "shared", adapters["v1"]).json()["version"]
@@ -155,34 +164,32 @@ def _half_upload(url: str, name: str, payload: bytes) -> socket.socket:
     return conn
 
 
-def test_kill_9_during_upload_then_restart(tiny_llama, adapters, tmp_path):
-    store, workdir = tmp_path / "store", tmp_path / "work"
-    store.mkdir()
-    workdir.mkdir()
-    replica = start_replica(tiny_llama, store, workdir, "victim")
-    try:
-        with replica.client() as client:
-            kept = upload(client, "kept", adapters["v1"]).json()["version"]
-            assert client.post("/v1/adapters/kept/pin", headers=ADMIN).status_code == 200
-        conn = _half_upload(replica.url, "half", os.urandom(256 * 1024))
-        deadline = time.monotonic() + 10
-        staged = []
-        while not staged and time.monotonic() < deadline:
-            staged = [p for p in (store / ".tmp").rglob("adapter_model.safetensors") if p.stat().st_size > 0]
-            time.sleep(0.05)
-        assert staged, "the upload never reached the staging dir"
-        replica.process.send_signal(signal.SIGKILL)
-        replica.process.wait()
-        conn.close()
-        assert not (store / "half").exists()  # nothing half-visible, even before cleanup
+def test_kill_9_during_upload_then_restart(pair, tiny_llama, adapters):
+    store = pair.store
+    with pair.b.client() as client:
+        kept = upload(client, "kept", adapters["v1"]).json()["version"]
+        assert client.post("/v1/adapters/kept/pin", headers=ADMIN).status_code == 200
+    conn = _half_upload(pair.b.url, "half", os.urandom(256 * 1024))
+    deadline = time.monotonic() + 10
+    staged = []
+    while not staged and time.monotonic() < deadline:
+        staged = [p for p in (store / ".tmp").rglob("adapter_model.safetensors") if p.stat().st_size > 0]
+        time.sleep(0.05)
+    assert staged, "the upload never reached the staging dir"
+    pair.b.process.send_signal(signal.SIGKILL)
+    pair.b.process.wait()
+    conn.close()
+    assert not (store / "half").exists()  # nothing half-visible, even before cleanup
+    with pair.a.client() as other:  # the surviving replica never lists the torn upload
+        time.sleep(1.5)
+        assert other.get("/v1/adapters/half", headers=ADMIN).status_code == 404
 
-        replica = start_replica(tiny_llama, store, workdir, "restarted")
-        assert [p for p in (store / ".tmp").rglob("*") if p.is_file()] == []
-        with replica.client() as client:
-            listed = client.get("/v1/adapters", headers=ADMIN).json()["adapters"]
-            assert [(x["name"], x["current"], x["pinned"]) for x in listed] == [("kept", kept, True)]
-            assert client.get("/v1/adapters/half", headers=ADMIN).status_code == 404
-            served = client.post("/v1/generate", json={"prompt": "one two", "adapter": "kept", "max_new_tokens": 2})
-            assert served.status_code == 200 and served.json()["adapter"]["version"] == kept
-    finally:
-        stop(replica)
+    pair.b = start_replica(tiny_llama, store, pair.workdir, "b-restarted")
+    assert [p for p in (store / ".tmp").rglob("*") if p.is_file()] == []
+    with pair.b.client() as client:
+        listed = client.get("/v1/adapters", headers=ADMIN).json()["adapters"]
+        assert [(x["name"], x["current"], x["pinned"]) for x in listed] == [("kept", kept, True)]
+        assert listed[0]["status"] == "device"  # a pin survives the restart and warms the adapter
+        assert client.get("/v1/adapters/half", headers=ADMIN).status_code == 404
+        served = client.post("/v1/generate", json={"prompt": "one two", "adapter": "kept", "max_new_tokens": 2})
+        assert served.status_code == 200 and served.json()["adapter"]["version"] == kept
