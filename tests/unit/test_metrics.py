@@ -77,16 +77,36 @@ def test_a_demoted_adapters_series_leave_the_exposition():
 # --- against a running server -----------------------------------------------------------
 
 
-def test_gauges_move_under_load_and_counters_count_per_adapter(llama_server):
+def test_counters_count_requests_and_tokens_per_adapter(llama_server):
     client = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     before = scrape(llama_server.url)
-    batch = llama_server.services.settings.max_batch_size
+    usage = client.completions.create(model="gen-a", prompt="one two", max_tokens=4, temperature=0).usage
+    requests = dict(name="adaptserve_requests_total", endpoint="/v1/completions", adapter="gen-a", status="200")
+    deadline = time.monotonic() + 5  # the request is counted after its last byte is sent
+    while value(after := scrape(llama_server.url), **requests) == value(before, **requests):
+        assert time.monotonic() < deadline
+    assert value(after, **requests) - value(before, **requests) == 1
+    for name, tokens in (("adaptserve_generated_tokens_total", usage.completion_tokens),
+                         ("adaptserve_prompt_tokens_total", usage.prompt_tokens)):
+        assert value(after, name, adapter="gen-a") - value(before, name, adapter="gen-a") == tokens
+    assert value(after, "vllm:lora_adapter_loaded", adapter_name="gen-a", level="gpu") == 1
+
+
+def test_vllm_gauges_move_under_load_and_settle_when_clients_leave(llama_server):
+    client = openai.OpenAI(base_url=llama_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    leave = threading.Event()
 
     def one() -> None:
-        for _ in client.chat.completions.create(model="gen-a", messages=[{"role": "user", "content": "one two"}],
-                                                max_tokens=32, temperature=1.0, stream=True):
-            pass
+        stream = client.chat.completions.create(
+            model="gen-a", messages=[{"role": "user", "content": "one two"}], max_tokens=48, temperature=1.0,
+            stream=True,
+        )
+        for _ in stream:
+            if leave.is_set():
+                stream.close()  # a client that goes away: its row must leave the batch
+                return
 
+    batch = llama_server.services.settings.max_batch_size
     threads = [threading.Thread(target=one) for _ in range(batch + 2)]  # more than a batch: some must wait
     for thread in threads:
         thread.start()
@@ -100,18 +120,16 @@ def test_gauges_move_under_load_and_counters_count_per_adapter(llama_server):
         for sample in samples.get("vllm:lora_requests_info", []):
             assert abs(sample.value - time.time()) < 60  # the value is the update's unix time
             peak["info"] += sample.labels["running_lora_adapters"] + sample.labels["waiting_lora_adapters"]
+    leave.set()
     for thread in threads:
         thread.join(timeout=30)
     assert peak["running"] > 0 and peak["waiting"] > 0
     assert "gen-a" in peak["info"]
-
-    after = scrape(llama_server.url)
-    requests = dict(name="adaptserve_requests_total", endpoint="/v1/chat/completions", adapter="gen-a", status="200")
-    assert value(after, **requests) - value(before, **requests) == len(threads)
-    assert value(after, "adaptserve_generated_tokens_total", adapter="gen-a") > value(
-        before, "adaptserve_generated_tokens_total", adapter="gen-a")
-    assert value(after, "vllm:lora_adapter_loaded", adapter_name="gen-a", level="gpu") == 1
-    assert value(after, "vllm:num_requests_running") == 0
+    deadline = time.monotonic() + 10
+    while value(samples := scrape(llama_server.url), "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "rows of departed clients are still running"
+        time.sleep(0.05)
+    assert value(samples, "vllm:num_requests_waiting") == 0
 
 
 def test_every_metric_the_dashboard_queries_is_exported(llama_server):
