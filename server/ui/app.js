@@ -127,13 +127,13 @@ async function loadModels() {
 async function loadAdapters() {
   const note = $("#adapters-note");
   const modelsProblem = await loadModels();
-  state.entries = null;
+  let entries = null;
+  let rejected = [];
   let message = "Enter the admin token to see tiers and version history, and to upload.";
   if (token("admin")) {
     const result = await call("/v1/adapters", { auth: "admin" });
     if (result.ok) {
-      state.entries = result.data.adapters;
-      renderRejected(result.data.rejected);
+      ({ adapters: entries, rejected } = result.data);
       message = "";
     } else if (result.status === 404) {
       message = "Adapter management is not served on this port (the server runs it on its admin port).";
@@ -142,8 +142,11 @@ async function loadAdapters() {
     }
   }
   if (modelsProblem) message = `${message} Models: ${modelsProblem}`.trim();
+  // State changes only after the last await, so overlapping refreshes each render a whole answer.
+  state.entries = entries;
   note.textContent = message;
   note.hidden = !message;
+  renderRejected(rejected);
   renderAdapters();
   renderPickers();
 }
@@ -678,23 +681,25 @@ function toggleRequestView() {
 async function loadRoutes() {
   const note = $("#routes-note");
   const body = $("#routes-body");
-  body.replaceChildren();
   if (!token("admin")) {
     note.textContent = "Routes are part of the management API: enter the admin token to see them.";
+    body.replaceChildren();
     return;
   }
   const result = await call("/v1/routes", { auth: "admin" });
+  // Rendered in one replaceChildren after the await, so overlapping refreshes never stack up.
   if (!result.ok) {
     note.textContent = result.status === 404
       ? "Routing is not served on this port."
       : result.error ? result.error.message : `HTTP ${result.status}`;
+    body.replaceChildren();
     return;
   }
   const routes = result.data.routes;
   note.textContent = routes.length ? "" : "No routes yet: PUT /v1/routes/{task} defines one.";
-  for (const route of routes) {
+  body.replaceChildren(...routes.map((route) => {
     const total = route.targets.reduce((sum, t) => sum + t.weight, 0) || 1;
-    body.append(el("section", { class: "route", "aria-label": `Route ${route.task}` },
+    return el("section", { class: "route", "aria-label": `Route ${route.task}` },
       el("h3", { text: route.task }),
       el("ul", { class: "bars" }, route.targets.map((t) => {
         const resolved = route.resolves_to[t.adapter];
@@ -704,8 +709,8 @@ async function loadRoutes() {
           el("span", { class: "value", text: `${t.weight}` }),
           el("span", { class: resolved ? "muted" : "field-error", text: resolved ? `→ ${resolved}` : "not registered" }));
       })),
-      route.fallback ? el("p", { class: "muted", text: `fallback: ${route.fallback}` }) : null));
-  }
+      route.fallback ? el("p", { class: "muted", text: `fallback: ${route.fallback}` }) : null);
+  }));
 }
 
 // --- live panel: the server's own /metrics (Prometheus text), every 2 s -------------------------

@@ -13,7 +13,7 @@ GENERATE_TIMEOUT_MS = 60_000
 
 def open_console(page, server, view: str = "adapters") -> None:
     page.goto(f"{server.url}/ui/#{view}")
-    page.wait_for_selector("#adapters-table tbody tr")
+    page.wait_for_selector("#adapters-table tbody tr", state="attached")
 
 
 def drop_files(page, selector: str, files: list[Path]) -> None:

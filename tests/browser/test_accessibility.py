@@ -89,6 +89,7 @@ def test_the_console_works_from_the_keyboard_alone(page, console_server):
 
     # A playground run: focus the prompt by tabbing, type, Ctrl+Enter.
     page.click("#tab-playground")
+    page.fill("#max-new-tokens", "6")  # setup, not under test: keeps the run short
     page.focus("#tab-playground")
     tab_until(page, "prompt")
     page.keyboard.press("Control+a")

@@ -138,3 +138,18 @@ def test_history_rolls_back_and_deletes_only_after_confirmation(admin_page, cons
     row(admin_page, "hist").wait_for(state="detached")
     assert admin_get(console_server, "/v1/adapters/hist").status_code == 404
     assert len(dialogs) == 4 and all("hist" in d for d in dialogs)
+
+
+def test_routes_view_shows_each_tasks_targets_weights_and_what_they_resolve_to(admin_page, console_server):
+    route = {"targets": [{"adapter": "gen-a", "weight": 90}, {"adapter": "not-yet", "weight": 10}], "fallback": "base"}
+    with console_server.client(headers={"Authorization": "Bearer console-admin-token"}) as http:
+        assert http.put("/v1/routes/chat", json=route).status_code == 200
+        current = http.get("/v1/adapters/gen-a").json()["current"]
+    open_console(admin_page, console_server, view="routes")
+    section = admin_page.locator("section[aria-label='Route chat']")
+    section.wait_for()
+    gen_a, missing = section.locator("li[data-target='gen-a']"), section.locator("li[data-target='not-yet']")
+    assert "90" in gen_a.inner_text() and f"gen-a@{current}" in gen_a.inner_text()
+    assert "not registered" in missing.inner_text()
+    assert "fallback: base" in section.inner_text()
+    screenshot(admin_page, "routes")
