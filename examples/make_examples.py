@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import os
 import random
 import shutil
 import sys
@@ -144,9 +145,13 @@ def train_examples(names: list[str]) -> None:
     sys.path.insert(0, str(REPO))
     from trainer.cli import main as trainer_main
 
+    # The configs name their files relative to the repository root, and the config written
+    # next to each shipped adapter should not carry this machine's absolute paths.
+    os.chdir(REPO)
     for name in names:
         output = ADAPTER_DIR / name
-        code = trainer_main(["train", "--config", str(CONFIG_DIR / f"{name}.yaml"), "--output-dir", str(output)])
+        relative_output = output.relative_to(REPO)
+        code = trainer_main(["train", "--config", str(CONFIG_DIR.relative_to(REPO) / f"{name}.yaml"), "--output-dir", str(relative_output)])
         if code:
             sys.exit(code)
         # Checkpoints exist for --resume; the shipped example is the adapter and its reports only.

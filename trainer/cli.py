@@ -109,10 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from trainer.methods import serving_summary
     from trainer.report import write_outputs
-    from trainer.training import run_training
+    from trainer.training import is_main_process, run_training
 
     config = _training_config(args)
-    report = write_outputs(run_training(config))
+    outcome = run_training(config)
+    if not is_main_process():
+        return 0
+    report = write_outputs(outcome)
     headline = report["headline_metric"]
     summary = report["summary"][headline]
     base = (report["base_metrics"] or {}).get(headline)

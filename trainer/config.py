@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
+from adapters.package import NAME_PATTERN
+
 Method = Literal["lora", "rslora", "dora", "ia3", "prompt-tuning", "last-n-layers"]
 METHODS: tuple[str, ...] = ("lora", "rslora", "dora", "ia3", "prompt-tuning", "last-n-layers")
 TaskName = Literal["generate", "classify"]
@@ -65,12 +67,18 @@ class TrainConfig:
             problems.append(f"task must be 'generate' or 'classify', got {self.task!r}")
         if not 0.0 < self.validation_fraction < 1.0:
             problems.append("validation_fraction must be between 0 and 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append("warmup_ratio must be in [0, 1)")
         if self.quantize not in ("none", "nf4"):
             problems.append(f"quantize must be 'none' or 'nf4', got {self.quantize!r}")
         if self.quantize == "nf4" and self.method in ("last-n-layers",):
             problems.append("--quantize nf4 needs an adapter method; last-n-layers trains the base itself")
         if not self.seeds:
             problems.append("at least one seed is needed")
+        if not NAME_PATTERN.match(self.adapter_name):
+            problems.append(
+                f"adapter name {self.adapter_name!r} (from --name or the output folder) must match {NAME_PATTERN.pattern}"
+            )
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":

@@ -7,6 +7,7 @@ process group; only the main process evaluates and writes the output folder.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
 import statistics
@@ -64,7 +65,8 @@ class TrainingOutcome:
 
     def __post_init__(self) -> None:
         key = HEADLINE_METRIC[self.config.task]
-        self.best = max(self.runs, key=lambda run: run.metrics[key])
+        # Non-main ranks of a distributed run measure nothing; any run is then "best".
+        self.best = max(self.runs, key=lambda run: run.metrics.get(key, 0.0))
 
     def summary(self) -> dict[str, dict[str, float]]:
         """mean and std over seeds of every scalar metric."""
@@ -74,6 +76,11 @@ class TrainingOutcome:
             values = [run.wall_seconds if key == "wall_seconds" else run.metrics[key] for run in self.runs]
             summary[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         return summary
+
+
+def is_main_process() -> bool:
+    """True outside torchrun/accelerate, and on rank 0 inside: the one process that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def prepare_data(config: TrainConfig) -> PreparedData:
@@ -107,7 +114,8 @@ def run_training(config: TrainConfig) -> TrainingOutcome:
         torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config.write(output_dir)
+    if is_main_process():
+        config.write(output_dir)
     base = resolve_base(config.base)
     data = prepare_data(config)
     logger.info("%d training / %d held-out examples; %s", len(data.train), len(data.held_out), SERVING_SUPPORT[config.method].reason)
@@ -119,7 +127,7 @@ def run_training(config: TrainConfig) -> TrainingOutcome:
         base_metrics = base_metrics or measured_base
         runs.append(run)
     outcome = TrainingOutcome(config, base, data, runs, base_metrics)
-    if len(runs) > 1:
+    if len(runs) > 1 and is_main_process():
         # The shipped adapter is the best seed's; every seed's metrics stay in the report.
         _copy_weights(outcome.best.weights_dir, output_dir)
     return outcome
@@ -141,7 +149,7 @@ def _train_one_seed(
     model = load_base_model(base, config.task, tokenizer, data.labels, config.quantize)
     # Measured before the method touches the model: prompt tuning and IA3 change outputs
     # at initialisation, and a classifier's untrained head is exactly the base's.
-    base_metrics = evaluate(model, tokenizer, config, data) if evaluate_base else None
+    base_metrics = evaluate(model, tokenizer, config, data) if evaluate_base and is_main_process() else None
     model = apply_method(model, config)
     trainable, total = trainable_parameters(model)
 
