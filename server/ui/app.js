@@ -115,6 +115,7 @@ async function loadModels() {
   const result = await call("/v1/models");
   if (!result.ok) {
     state.models = [];
+    if (result.status === 401 || result.status === 403) return "this server needs an API key for inference: enter it above.";
     return result.error ? result.error.message : `HTTP ${result.status}`;
   }
   const cards = result.data.data;

@@ -153,3 +153,14 @@ def test_routes_view_shows_each_tasks_targets_weights_and_what_they_resolve_to(a
     assert "not registered" in missing.inner_text()
     assert "fallback: base" in section.inner_text()
     screenshot(admin_page, "routes")
+
+
+def test_pin_and_unpin_from_the_list(admin_page, console_server):
+    open_console(admin_page, console_server)
+    admin_page.click("button[aria-label='Pin gen-b']")
+    admin_page.locator("button[aria-label='Unpin gen-b']").wait_for()
+    assert row(admin_page, "gen-b").locator("td").nth(4).inner_text() == "yes"
+    assert admin_get(console_server, "/v1/adapters/gen-b").json()["pinned"] is True
+    admin_page.click("button[aria-label='Unpin gen-b']")
+    admin_page.locator("button[aria-label='Pin gen-b']").wait_for()
+    assert admin_get(console_server, "/v1/adapters/gen-b").json()["pinned"] is False

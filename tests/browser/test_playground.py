@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -138,3 +139,27 @@ def test_live_panel_reads_the_servers_metrics(admin_page, console_server):
     admin_page.click("#tab-adapters")
     admin_page.wait_for_selector("td[data-tokens-for='gen-a']:not(:text-is('0'))", timeout=10_000)
     screenshot(admin_page, "live")
+
+
+def test_a_server_that_needs_an_api_key_gets_the_one_typed_into_the_page(
+        page, tiny_llama, llama_adapters, tmp_path_factory):
+    from tests.conftest import start_server, stop_server, tiny_settings
+
+    store = tmp_path_factory.mktemp("keyed-store")
+    shutil.copytree(llama_adapters["gen-a"], store / "gen-a")
+    server = start_server(tiny_settings(tiny_llama, store, tmp_path_factory.mktemp("keyed"), api_keys=["k-123"]))
+    try:
+        page.context.route("**/*", lambda route: route.continue_()
+                           if route.request.url.startswith(server.url + "/") else route.abort())
+        page.goto(server.url + "/ui/#playground")
+        assert "needs an API key" in page.inner_text("#adapters-note")
+        page.fill("#api-key", "k-123")
+        page.click("#tokens button[type=submit]")
+        page.wait_for_selector("#pick-1 option[value='gen-a']", state="attached")
+        run_playground(page, prompt="paris is the", adapters=["gen-a"], max_new_tokens=4)
+        assert page.locator(".column[data-state='done']").count() == 2
+        page.click("#show-request")
+        snippets = page.inner_text("#request-snippets")
+        assert "$ADAPTSERVE_API_KEY" in snippets and "k-123" not in snippets
+    finally:
+        stop_server(server)
