@@ -86,6 +86,7 @@ class RequestMiddleware:
     """
 
     def __init__(self, app: ASGIApp, services: Services, upload_paths: tuple[str, ...] = ()):
+        # Exact paths: only the upload endpoint streams to disk under its own (larger) cap.
         self.app = app
         self.services = services
         self.upload_paths = upload_paths
@@ -122,7 +123,7 @@ class RequestMiddleware:
                 await reply(503, error_body("draining", "server is shutting down", 503), {"Retry-After": "5"})
                 return
             limit = services.settings.max_body_bytes
-            if any(path.startswith(p) for p in self.upload_paths):
+            if path in self.upload_paths:
                 limit = None  # uploads stream to disk under their own cap
             length = headers.get(b"content-length")
             if limit is not None and length is not None and length.isdigit() and int(length) > limit:

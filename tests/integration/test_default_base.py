@@ -22,7 +22,7 @@ def base_dir() -> str:
 @pytest.fixture(scope="module")
 def server(base_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    make_lora(base_dir, store / "smol-gen", r=8, seed=11, weight_scale=0.5)
+    make_lora(base_dir, store / "smol-gen", r=8, seed=11, weight_scale=3.0)
     make_lora(base_dir, store / "smol-cls", task="SEQ_CLS", r=4, seed=12, labels=["neg", "pos"], num_labels=2)
     settings = Settings(adapters_dir=store, install_example_adapters=False, port=0, max_batch_size=8)
     running = start_server(settings, timeout=300)
