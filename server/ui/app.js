@@ -717,7 +717,10 @@ async function loadRoutes() {
 // --- live panel: the server's own /metrics (Prometheus text), every 2 s -------------------------
 
 const LIVE_EVERY_MS = 2000;
-let lastTokens = null;
+// The server counts a request's tokens when it finishes, so a 2 s difference is bursty;
+// the rate is averaged over the samples of the last RATE_WINDOW_MS instead.
+const RATE_WINDOW_MS = 10_000;
+const tokenSamples = []; // [{at: ms, tokens: total generated}], oldest first
 
 function parseMetrics(text) {
   const samples = [];
@@ -746,8 +749,12 @@ async function refreshLive() {
   const tokens = sum(samples, "adaptserve_generated_tokens_total");
   setLive("running", String(sum(samples, "vllm:num_requests_running")));
   setLive("waiting", String(sum(samples, "vllm:num_requests_waiting")));
-  setLive("tps", lastTokens ? ((tokens - lastTokens.tokens) / ((now - lastTokens.at) / 1000)).toFixed(1) : "–");
-  lastTokens = { tokens, at: now };
+  const previous = tokenSamples[tokenSamples.length - 1];
+  if (previous && tokens < previous.tokens) tokenSamples.length = 0; // a restarted server starts from 0
+  tokenSamples.push({ at: now, tokens });
+  while (tokenSamples.length > 2 && now - tokenSamples[1].at >= RATE_WINDOW_MS) tokenSamples.shift();
+  const oldest = tokenSamples[0];
+  setLive("tps", oldest.at < now ? ((tokens - oldest.tokens) / ((now - oldest.at) / 1000)).toFixed(1) : "–");
   setLive("kv", `${(sum(samples, "vllm:kv_cache_usage_perc") * 100).toFixed(1)} %`);
   for (const tier of ["device", "cpu", "stored"]) {
     const count = samples.find((s) => s.name === "adaptserve_adapters_resident" && s.labels.tier === tier);
