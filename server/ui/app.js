@@ -490,6 +490,8 @@ function requestFor(adapter) {
 }
 
 async function run() {
+  // One run at a time: a second would leave the first writing into columns no longer shown.
+  if ($("#run").disabled) return;
   clearFieldErrors();
   const targets = columnsToRun();
   const status = $("#play-status");
@@ -506,7 +508,10 @@ async function run() {
   $("#columns").dataset.state = "running";
   $("#columns").setAttribute("aria-busy", "true");
   const runOne = mode() === "classify" ? classifyColumn : streamColumn;
-  await Promise.all(state.lastRequests.map((request, i) => runOne(columns[i], request)));
+  $("#run").disabled = true;
+  await Promise.all(state.lastRequests.map((request, i) => runOne(columns[i], request).catch((error) =>
+    columnError(columns[i], { status: 0, error: { message: `request failed: ${error.message}` } }))));
+  $("#run").disabled = false;
   $("#columns").dataset.state = "done";
   $("#columns").removeAttribute("aria-busy");
   status.textContent = "Done.";

@@ -62,8 +62,16 @@ def console_server(browser, tiny_llama, llama_adapters, tmp_path_factory):
     stop_server(running)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if call.when == "call":
+        item.browser_failed = report.failed  # read by `page` to keep a screenshot of the failure
+    return report
+
+
 @pytest.fixture
-def page(browser, console_server):
+def page(browser, console_server, request):
     """A fresh tab that may reach the server's own origin and nothing else.
 
     Every request for another origin is aborted and recorded; so is every console error and
@@ -85,6 +93,8 @@ def page(browser, console_server):
     tab.on("console", lambda message: message.type == "error" and problems.append(message.text))
     tab.on("pageerror", lambda error: problems.append(str(error)))
     yield tab
+    if getattr(request.node, "browser_failed", False):
+        screenshot(tab, f"FAILED-{request.node.name}")
     context.close()
     assert not blocked, f"the console tried to reach the network: {blocked}"
     # A failed fetch the test provoked on purpose (a 4xx) logs "Failed to load resource".
