@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import httpx
 
-from bench.report import RequestRecord
+from bench.report import ABANDONED, RequestRecord
 
 # Topics make prompts differ (so no server can reuse one answer); the filler pads them to the
 # asked length with text the model will keep writing after.
@@ -52,19 +52,31 @@ class LoadSpec:
     prompts: Sequence[str]
     max_new_tokens: int
     duration_s: float  # from the first send until clients stop; in-flight requests are abandoned
-    ramp_s: float  # client i starts at i * ramp_s / C, so rows do not all start and end together
+    # Client i's first request asks for (i + 1) / C of max_new_tokens, so rows finish (and
+    # new prompts arrive) spread evenly from the start, as in a long-running service, instead
+    # of the whole batch prefilling and finishing in lockstep for many rounds. Pointless for
+    # a server that runs one request at a time.
+    stagger: bool = True
     temperature: float = 0.0
 
 
-async def _one_request(client: httpx.AsyncClient, body: dict) -> RequestRecord:
-    start = time.monotonic()
-    ttft: float | None = None
-    final: dict | None = None
+class _Progress:
+    """What a request has seen so far, kept outside it so an abandoned one still counts."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.ttft: float | None = None
+        self.token_times: list[float] = []
+
+
+async def _one_request(client: httpx.AsyncClient, body: dict, seen: _Progress, warmup: bool) -> RequestRecord:
     async with client.stream("POST", "/v1/generate", json=body) as response:
         if response.status_code != 200:
             detail = (await response.aread())[:200].decode(errors="replace")
             now = time.monotonic()
-            return RequestRecord(start, now, now - start, 0, 0, "error", False, f"HTTP {response.status_code}: {detail}")
+            return RequestRecord(seen.start, now, now - seen.start, 0, 0, "error", False,
+                                 f"HTTP {response.status_code}: {detail}")
+        final: dict | None = None
         if not response.headers.get("content-type", "").startswith("text/event-stream"):
             final = json.loads(await response.aread())
         else:
@@ -72,24 +84,34 @@ async def _one_request(client: httpx.AsyncClient, body: dict) -> RequestRecord:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[len("data: ") :])
-                if ttft is None and event.get("text"):
-                    ttft = time.monotonic() - start
                 if event.get("finish_reason") is not None:
                     final = event
+                elif event.get("text"):
+                    now = time.monotonic()
+                    seen.ttft = now - seen.start if seen.ttft is None else seen.ttft
+                    seen.token_times.append(now)  # one event per decode step = one token
     end = time.monotonic()
+    streamed = seen.ttft is not None
     if final is None:
-        return RequestRecord(start, end, end - start, 0, 0, "error", ttft is not None, "stream ended without a final event")
+        return RequestRecord(seen.start, end, end - seen.start, 0, 0, "error", streamed,
+                             "stream ended without a final event")
     error = final.get("error")
     usage = final.get("usage") or {}
+    completion_tokens = int(usage.get("completion_tokens", 0))
+    # Tokens the stream did not show one by one (held back by the detokenizer, or all of
+    # them from a server that does not stream) arrived with the final answer.
+    rest = max(0, completion_tokens - len(seen.token_times))
     return RequestRecord(
-        start=start,
+        start=seen.start,
         end=end,
-        ttft=ttft if ttft is not None else end - start,
+        ttft=seen.ttft if streamed else end - seen.start,
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
-        completion_tokens=int(usage.get("completion_tokens", 0)),
+        completion_tokens=completion_tokens,
         finish_reason=str(final.get("finish_reason")),
-        streamed=ttft is not None,
+        streamed=streamed,
         error=f"engine: {error.get('message')}" if error else None,
+        token_times=(*seen.token_times, *([end] * rest)),
+        warmup=warmup,
     )
 
 
@@ -99,27 +121,40 @@ async def run_load(
     progress: Callable[[float, list[RequestRecord]], None] | None = None,
     progress_every_s: float = 5.0,
 ) -> tuple[float, list[RequestRecord]]:
-    """Drive the server for spec.duration_s; returns (time of the first send, finished records)."""
+    """Drive the server for spec.duration_s; returns (time of the first send, records).
+
+    Requests still running at the end are closed (how a client cancels) and recorded as
+    abandoned, with the tokens they had streamed by then.
+    """
     records: list[RequestRecord] = []
     counter = itertools.count()
     t0 = time.monotonic()
     stop_at = t0 + spec.duration_s
 
     async def client_loop(client: httpx.AsyncClient, index: int) -> None:
-        await asyncio.sleep(index * spec.ramp_s / spec.concurrency)
+        first = True
         while time.monotonic() < stop_at:
             n = next(counter)
+            warmup = first and spec.stagger and index + 1 < spec.concurrency
+            tokens = max(1, (index + 1) * spec.max_new_tokens // spec.concurrency) if warmup else spec.max_new_tokens
+            first = False
             body = {
                 "prompt": spec.prompts[n % len(spec.prompts)],
-                "max_new_tokens": spec.max_new_tokens,
+                "max_new_tokens": tokens,
                 "temperature": spec.temperature,
                 "stream": True,
             }
             adapter = spec.adapters[n % len(spec.adapters)]
             if adapter is not None:
                 body["adapter"] = adapter
+            seen = _Progress()
             try:
-                records.append(await _one_request(client, body))
+                records.append(await _one_request(client, body, seen, warmup))
+            except asyncio.CancelledError:
+                now = time.monotonic()
+                records.append(RequestRecord(seen.start, now, now - seen.start, 0, len(seen.token_times), ABANDONED,
+                                             seen.ttft is not None, token_times=tuple(seen.token_times)))
+                raise
             except httpx.HTTPError as exc:
                 now = time.monotonic()
                 records.append(RequestRecord(now, now, 0.0, 0, 0, "error", False, f"{type(exc).__name__}: {exc}"))
@@ -133,7 +168,6 @@ async def run_load(
             await asyncio.sleep(min(progress_every_s, max(0.0, stop_at - time.monotonic())))
             if progress is not None:
                 progress(time.monotonic() - t0, records)
-        # Abandon whatever is in flight: closing the connection is how a client cancels.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -57,11 +58,21 @@ def load_model(base_model: str, adapters_dir: Path | None):
     return model, tokenizer, {p.name for p in folders}
 
 
+class _StopWhenSet:
+    """A StoppingCriteria: ends generate() once the client is gone (checked between tokens)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
 def create_app(model, tokenizer, adapter_names: set[str]) -> FastAPI:
     app = FastAPI(title="naive PEFT server")
     lock = asyncio.Lock()
 
-    def generate_one(body: GenerateBody) -> dict:
+    def generate_one(body: GenerateBody, gone: threading.Event) -> dict:
         if body.adapter is not None:
             model.set_adapter(body.adapter)
             adapter_scope = contextlib.nullcontext()
@@ -75,7 +86,8 @@ def create_app(model, tokenizer, adapter_names: set[str]) -> FastAPI:
             sampling = {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
         with adapter_scope, torch.inference_mode():
             output = model.generate(
-                **encoded, max_new_tokens=body.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **sampling
+                **encoded, max_new_tokens=body.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                stopping_criteria=[_StopWhenSet(gone)], **sampling,
             )
         new_ids = output[0, encoded["input_ids"].shape[1] :].tolist()
         stopped = bool(new_ids) and new_ids[-1] == tokenizer.eos_token_id
@@ -94,14 +106,25 @@ def create_app(model, tokenizer, adapter_names: set[str]) -> FastAPI:
         if body.adapter is not None and body.adapter not in adapter_names:
             raise HTTPException(404, f"adapter {body.adapter!r} is not loaded")
         async with lock:
-            # A client that gave up while queued gets no generation: otherwise the queue a
-            # benchmark round leaves behind would run on into the next round.
+            # A client that gave up gets no (more) generation: otherwise the queue a benchmark
+            # round abandons would keep the CPU busy into the next round.
             if await request.is_disconnected():
                 return JSONResponse({"detail": "client disconnected"}, status_code=499)
-            # Off the event loop so /readyz and new connections still answer while it runs.
-            return await asyncio.to_thread(generate_one, body)
+            gone = threading.Event()
+            watcher = asyncio.create_task(_watch_disconnect(request, gone))
+            try:
+                # Off the event loop so /readyz and new connections still answer while it runs.
+                return await asyncio.to_thread(generate_one, body, gone)
+            finally:
+                watcher.cancel()
 
     return app
+
+
+async def _watch_disconnect(request: Request, gone: threading.Event) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    gone.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     parser.add_argument("--adapters-dir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 = all cores")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(*load_model(args.base_model, args.adapters_dir))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

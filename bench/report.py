@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+ABANDONED = "abandoned"  # finish_reason of a request still running when its round ended
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     """One request as the client saw it; times are seconds on the client's monotonic clock."""
@@ -24,10 +27,22 @@ class RequestRecord:
     finish_reason: str
     streamed: bool
     error: str | None = None
+    # When each generated token reached the client: one entry per streamed event, the rest
+    # of `completion_tokens` at `end`. Lets throughput count tokens inside a window even
+    # for requests that started before it or were still running after it.
+    token_times: tuple[float, ...] = ()
+    # A deliberately shortened first request of a client (see LoadSpec.stagger): its tokens
+    # are real load, but its latency says nothing about a full-length request.
+    warmup: bool = False
 
     @property
     def latency(self) -> float:
         return self.end - self.start
+
+    @property
+    def measured(self) -> bool:
+        """A full-length request that finished: the ones latency percentiles are taken over."""
+        return self.error is None and self.finish_reason != ABANDONED and not self.warmup
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -41,17 +56,24 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, float]]) -> dict[str, Any]:
-    """Throughput and latency of the requests that completed inside one of `windows`.
+    """Throughput and latency over `windows` (several = interleaved rounds of one scenario).
 
-    Closed-loop load reaches a steady state after its ramp; counting only completions inside
-    windows after it (rather than all requests from the first send) keeps the ramp and the
-    cut-off tail out of the rates. Several windows = interleaved rounds of one scenario.
+    Throughput counts tokens by the time they reached the client, so a window shorter than
+    one request still measures the server's rate. A window ends at its last token: for a
+    server that answers in one piece (no streaming) the time after its last answer holds
+    work whose tokens are not visible yet, and counting it would understate the rate.
+    Latency and TTFT are over full-length requests that finished inside a window.
     """
-    window = sum(end - start for start, end in windows)
+    tokens, window = 0, 0.0
+    for start, end in windows:
+        times = [t for r in records if r.error is None for t in r.token_times if start <= t <= end]
+        tokens += len(times)
+        window += (max(times) if times else end) - start
     inside = [r for r in records if any(start <= r.end <= end for start, end in windows)]
-    done = [r for r in inside if r.error is None]
+    done = [r for r in inside if r.measured]
     errors = [r for r in inside if r.error is not None]
-    tokens = sum(r.completion_tokens for r in done)
+    rate = tokens / window if window > 0 else 0.0
+    mean_completion = sum(r.completion_tokens for r in done) / len(done) if done else None
 
     def rounded(value: float | None, digits: int = 3) -> float | None:
         return None if value is None else round(value, digits)
@@ -63,15 +85,17 @@ def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, f
         "completed": len(done),
         "errors": len(errors),
         "error_examples": sorted({r.error for r in errors})[:3],
-        "tokens_per_s": rounded(tokens / window if window > 0 else 0.0, 2),
-        "requests_per_s": rounded(len(done) / window if window > 0 else 0.0),
+        "tokens_per_s": rounded(rate, 2),
+        # From the token rate: counting completions would let the shortened warm-up requests
+        # (or, for a serial server, the few answers of a short window) skew it.
+        "requests_per_s": rounded(rate / mean_completion) if mean_completion else None,
         "ttft_p50_s": rounded(percentile(ttfts, 50)),
         "ttft_p95_s": rounded(percentile(ttfts, 95)),
         "ttft_is_latency": bool(done) and not any(r.streamed for r in done),
         "latency_p50_s": rounded(percentile(latencies, 50)),
         "latency_p95_s": rounded(percentile(latencies, 95)),
         "mean_prompt_tokens": rounded(sum(r.prompt_tokens for r in done) / len(done), 1) if done else None,
-        "mean_completion_tokens": rounded(tokens / len(done), 1) if done else None,
+        "mean_completion_tokens": rounded(mean_completion, 1) if done else None,
     }
 
 

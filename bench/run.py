@@ -174,15 +174,15 @@ def measure_round(server: Server, scenario: Scenario, options: argparse.Namespac
         prompts=prompts,
         max_new_tokens=options.max_new_tokens,
         duration_s=scenario.warmup_s + measured_s,
-        ramp_s=min(scenario.warmup_s / 2, options.ramp_s),
+        stagger=scenario.server != "naive",
     )
     log(f"[{scenario.name}] {label}{server.name}: C={spec.concurrency}, K={len(set(scenario.adapters) - {None})}, "
         f"{spec.duration_s:.0f} s (first {scenario.warmup_s:.0f} s not counted)")
 
     def progress(elapsed: float, records: list[RequestRecord]) -> None:
-        counted = [r for r in records if r.error is None and r.end - t_start >= scenario.warmup_s]
-        tokens = sum(r.completion_tokens for r in counted)
-        rate = f"{tokens / (elapsed - scenario.warmup_s):6.1f} tok/s" if elapsed > scenario.warmup_s else "warming up"
+        # Tokens of finished requests only: a rough running figure, the table has the real one.
+        counted = sum(1 for r in records for t in r.token_times if t - t_start >= scenario.warmup_s)
+        rate = f"{counted / (elapsed - scenario.warmup_s):6.1f} tok/s" if elapsed > scenario.warmup_s else "warming up"
         errors = sum(r.error is not None for r in records)
         log(f"  {elapsed:5.0f} s  {len(records):4d} done  {errors} errors  {rate}")
 
@@ -273,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--naive-measure", type=float, default=None,
                         help="counted seconds for the naive server, which needs ~10 s per request "
                         "(default 150, --quick 60)")
-    parser.add_argument("--naive-warmup", type=float, default=None, help="(default 12, --quick 12)")
-    parser.add_argument("--ramp-s", type=float, default=4.0, help="clients start spread over this long")
+    parser.add_argument("--naive-warmup", type=float, default=0.0,
+                        help="a serial server is in its steady state from the first request on")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of both servers; 0 = all cores. On a machine other work "
+                        "keeps busy, 1 is several times faster: with 2+ threads every op waits for "
+                        "the slowest thread to be scheduled")
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/<time>.json)")
@@ -283,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _defaults(options: argparse.Namespace) -> None:
     for key, full, quick in (
-        ("rounds", 3, 1), ("measure", 90, 28), ("warmup", 10, 8), ("naive_measure", 150, 60), ("naive_warmup", 12, 12),
+        ("rounds", 3, 1), ("measure", 90, 28), ("warmup", 10, 8), ("naive_measure", 150, 60),
     ):
         if getattr(options, key) is None:
             setattr(options, key, quick if options.quick else full)
@@ -312,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     output = options.output or RESULTS_DIR / f"{started}.json"
     meta = _meta(options, argv, started)
     prompts = make_prompts(options.prompt_tokens)
+    if options.threads != 1 and meta["load_average"][0] >= (os.cpu_count() or 1):
+        log(f"note: load average {meta['load_average'][0]:.1f} on {os.cpu_count()} CPUs; with other work "
+            "running, --threads 1 gives steadier and much higher figures")
 
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-") as tmp, contextlib.ExitStack() as servers:
         store, naive_store = Path(tmp) / "store", Path(tmp) / "naive-store"
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             running["naive"] = servers.enter_context(server_process(
                 "naive",
                 ["-m", "bench.naive_server", "--port", str(port), "--adapters-dir", str(naive_store),
-                 "--base-model", options.base_model],
+                 "--base-model", options.base_model, "--threads", str(options.threads)],
                 port, output.with_suffix(".naive.log"), options.ready_timeout,
             ))
         if any(s.server == "adaptserve" for s in plan):
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["-m", "server.cli", "serve", "--port", str(port), "--adapters-dir", str(store),
                  "--base-model", options.base_model, "--max-device-adapters", str(max(32, count)),
                  "--max-batch-size", str(options.concurrency), "--no-install-example-adapters",
-                 "--drain-timeout-s", "1"],
+                 "--drain-timeout-s", "1", "--threads", str(options.threads)],
                 port, output.with_suffix(".adaptserve.log"), options.ready_timeout,
             ))
 

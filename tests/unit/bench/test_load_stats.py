@@ -7,12 +7,17 @@ import json
 import pytest
 
 from bench.load import make_prompts
-from bench.report import RequestRecord, Target, format_table, percentile, ratio, summarize, write_json
+from bench.report import ABANDONED, RequestRecord, Target, format_table, percentile, ratio, summarize, write_json
 
 
 def record(start: float, end: float, ttft: float | None = None, tokens: int = 64, streamed: bool = True,
-           error: str | None = None) -> RequestRecord:
-    return RequestRecord(start, end, end - start if ttft is None else ttft, 10, tokens, "length", streamed, error)
+           error: str | None = None, warmup: bool = False, abandoned: bool = False) -> RequestRecord:
+    """A request whose tokens arrived evenly from start + ttft to end (all at end if not streamed)."""
+    ttft = end - start if ttft is None else ttft
+    first = start + ttft if streamed else end
+    times = tuple(first + (end - first) * i / max(1, tokens - 1) for i in range(tokens)) if not error else ()
+    return RequestRecord(start, end, ttft, 10, tokens, ABANDONED if abandoned else "length", streamed, error,
+                         times, warmup)
 
 
 def test_percentile_interpolates_like_numpy():
@@ -25,26 +30,32 @@ def test_percentile_interpolates_like_numpy():
     assert percentile([], 50) is None
 
 
-def test_summarize_counts_only_completions_inside_the_windows():
+def test_summarize_counts_tokens_by_arrival_and_latency_over_full_requests():
     records = [
-        record(0.0, 5.0),  # finished during warm-up: ignored
-        record(4.0, 12.0, ttft=0.5),
-        record(6.0, 18.0, ttft=1.5),
-        record(15.0, 25.0),  # between the two windows: ignored
-        record(26.0, 31.0, ttft=1.0, tokens=32),
-        record(30.0, 33.0, error="HTTP 429: full"),
+        record(0.0, 10.0, ttft=1.0, tokens=10),  # tokens at 1..10: one inside the window, at 10
+        record(5.0, 15.0, ttft=1.0, tokens=10),  # tokens at 6..15: 6 inside (10..15)
+        record(12.0, 19.0, ttft=1.0, tokens=7, warmup=True),  # all 7 (13..19) count; no latency
+        record(14.0, 20.0, ttft=1.0, tokens=6, abandoned=True),  # 15..20: counted, no latency
+        record(11.0, 12.0, error="HTTP 429: full"),
     ]
-    summary = summarize(records, [(10.0, 20.0), (30.0, 40.0)])
-    assert summary["window_s"] == 20.0
-    assert summary["completed"] == 3
-    assert summary["errors"] == 1
-    assert summary["error_examples"] == ["HTTP 429: full"]
-    assert summary["tokens_per_s"] == pytest.approx((64 + 64 + 32) / 20)
-    assert summary["requests_per_s"] == pytest.approx(3 / 20)
-    assert summary["ttft_p50_s"] == pytest.approx(1.0)
-    assert summary["latency_p50_s"] == pytest.approx(8.0)
-    assert summary["mean_completion_tokens"] == pytest.approx(160 / 3, abs=0.05)
+    summary = summarize(records, [(10.0, 20.0)])
+    assert summary["window_s"] == 10.0
+    assert summary["tokens_per_s"] == pytest.approx((1 + 6 + 7 + 6) / 10)
+    assert summary["completed"] == 2  # the full-length requests that ended inside
+    assert summary["errors"] == 1 and summary["error_examples"] == ["HTTP 429: full"]
+    assert summary["ttft_p50_s"] == 1.0 and summary["latency_p50_s"] == 10.0
+    assert summary["requests_per_s"] == pytest.approx(2.0 / 10)  # the token rate over 10-token requests
     assert summary["ttft_is_latency"] is False
+
+
+def test_summarize_over_rounds_ends_each_window_at_its_last_token():
+    # A serial server that answers in one piece: the work after its last answer is invisible.
+    records = [record(0.0, 10.0, streamed=False), record(0.0, 20.0, streamed=False),
+               record(100.0, 110.0, streamed=False)]
+    summary = summarize(records, [(0.0, 25.0), (100.0, 115.0)])
+    assert summary["window_s"] == 30.0  # 20 + 10
+    assert summary["tokens_per_s"] == pytest.approx(3 * 64 / 30)
+    assert summary["completed"] == 3
 
 
 def test_summarize_flags_ttft_from_a_server_that_does_not_stream():
@@ -56,7 +67,7 @@ def test_summarize_flags_ttft_from_a_server_that_does_not_stream():
 def test_summarize_with_nothing_completed():
     summary = summarize([], [(0.0, 10.0)])
     assert summary["completed"] == 0 and summary["tokens_per_s"] == 0.0
-    assert summary["ttft_p50_s"] is None and summary["mean_completion_tokens"] is None
+    assert summary["ttft_p50_s"] is None and summary["requests_per_s"] is None
 
 
 def test_ratio_and_targets():
