@@ -34,6 +34,18 @@ def drop_files(page, selector: str, files: list[Path]) -> None:
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
+def drop_folder(page, selector: str, folder: Path) -> None:
+    """A real OS-level drop of a directory (CDP drag events carry file paths), so the page
+    sees a directory entry exactly as when a user drags a folder from a file manager."""
+    box = page.locator(selector).bounding_box()
+    point = {"x": box["x"] + box["width"] / 2, "y": box["y"] + box["height"] / 2}
+    cdp = page.context.new_cdp_session(page)
+    data = {"items": [], "files": [str(folder)], "dragOperationsMask": 1}
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, **point, "data": data})
+    cdp.detach()
+
+
 def upload_via_api(server, name: str, folder: Path) -> dict:
     files = [("file", (n, (folder / n).read_bytes())) for n in PEFT_FILES]
     with server.client(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as http:

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from tests.browser.conftest import screenshot
-from tests.browser.helpers import PEFT_FILES, admin_get, drop_files, open_console, upload_via_api
+from tests.browser.helpers import PEFT_FILES, admin_get, drop_files, drop_folder, open_console, upload_via_api
 from tests.conftest import make_lora
 
 pytestmark = pytest.mark.browser
@@ -52,6 +52,22 @@ def test_upload_by_dropping_the_two_peft_files(admin_page, console_server, tiny_
     assert f"dropped@{stored['current']}" in admin_page.inner_text("#upload-status")
     assert row(admin_page, "dropped").locator("td").nth(1).inner_text() == stored["current"]
     screenshot(admin_page, "upload-dropped")
+
+
+def test_upload_by_dropping_a_peft_folder(admin_page, console_server, tiny_llama, tmp_path):
+    folder = make_lora(tiny_llama, tmp_path / "from-folder", seed=23)
+    (folder / "training_args.bin").write_bytes(b"a pickle the page must not send")
+    open_console(admin_page, console_server)
+    drop_folder(admin_page, "#dropzone", folder)
+    admin_page.locator("#upload-files-list li").first.wait_for()
+    # The folder names the adapter; only the files the server accepts are sent.
+    assert admin_page.input_value("#upload-name") == "from-folder"
+    listed = admin_page.inner_text("#upload-files-list")
+    assert "adapter_config.json" in listed and "adapter_model.safetensors" in listed
+    assert "left out: " in listed and "training_args.bin" in listed and "README.md" in listed
+    admin_page.click("#upload-submit")
+    row(admin_page, "from-folder").wait_for()
+    assert admin_get(console_server, "/v1/adapters/from-folder").status_code == 200
 
 
 def test_upload_an_archive_through_the_file_input(admin_page, console_server, tiny_llama, tmp_path):
