@@ -306,11 +306,14 @@ class LocalStore:
         base = self.tmp / self.owner
         base.mkdir(parents=True, exist_ok=True)
         temporary = base / f"{path.name}.{uuid.uuid4().hex}"
-        with open(temporary, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, path)
+        try:
+            with open(temporary, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)  # a full disk must not leave the temp behind
         _fsync_dir(path.parent)
 
     def _tombstone(self, directory: Path) -> None:

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api import adapters, health, infer, merges, openai, routes, ui
 from server.api.deps import InferenceKeyDep
 from server.api.disconnect import ClientGone
-from server.auth import Authenticator
+from server.auth import Authenticator, is_loopback_host
 from server.config import Settings
 from server.errors import AdaptserveError, status_for
 from server.services import EngineFactory, Services, default_engine_factory
@@ -79,17 +79,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class RequestMiddleware:
-    """Request id, body cap, drain gate, per-request metrics and one JSON log line.
+    """Request id, Host check, body cap, drain gate, per-request metrics and one JSON log line.
 
     Plain ASGI (not BaseHTTPMiddleware) so streaming responses and client disconnects pass
     through untouched.
     """
 
-    def __init__(self, app: ASGIApp, services: Services, upload_paths: tuple[str, ...] = ()):
+    def __init__(self, app: ASGIApp, services: Services, upload_paths: tuple[str, ...] = (),
+                 loopback_hosts_only: bool = False):
         # Exact paths: only the upload endpoint streams to disk under its own (larger) cap.
         self.app = app
         self.services = services
         self.upload_paths = upload_paths
+        # DNS rebinding: a page on evil.example resolved to 127.0.0.1 still sends its own Host.
+        self.loopback_hosts_only = loopback_hosts_only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,6 +122,12 @@ class RequestMiddleware:
             await send({"type": "http.response.body", "body": payload})
 
         try:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if self.loopback_hosts_only and host and not is_loopback_host(host):
+                await reply(403, error_body(
+                    "host_not_allowed", f"Host {host[:100]!r} is not a loopback name; this server listens on "
+                    "loopback only (configure an admin token to serve other names)", 403))
+                return
             if services.draining and not path.startswith(ALWAYS_OPEN):
                 await reply(503, error_body("draining", "server is shutting down", 503), {"Retry-After": "5"})
                 return
@@ -194,6 +203,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.authenticator.prepare()  # the generated admin token exists before any listener serves
         boot = asyncio.create_task(services.boot(engine_factory)) if owns_services else None
         app.state.boot_task = boot
         try:
@@ -212,7 +222,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = services
-    app.state.authenticator = Authenticator(services.settings)
+    authenticator = app.state.authenticator = Authenticator(services.settings)
     install_error_handlers(app)
     app.include_router(health.router)
     if surface in ("all", "public"):
@@ -223,5 +233,8 @@ def create_app(
         app.include_router(adapters.router)
         app.include_router(merges.router)
         app.include_router(routes.router)
-    app.add_middleware(RequestMiddleware, services=services, upload_paths=("/v1/adapters",))
+    bind = services.settings.admin_host if surface == "admin" else services.settings.host
+    guard_hosts = authenticator.generated_token_path is not None and is_loopback_host(bind)
+    app.add_middleware(RequestMiddleware, services=services, upload_paths=("/v1/adapters",),
+                       loopback_hosts_only=guard_hosts)
     return app

@@ -4,12 +4,21 @@ Tokens come from settings (flag/env) and from mounted secret files; a file is re
 when its mtime changes, so a rotated Kubernetes Secret takes effect without a restart.
 Comparisons use hmac.compare_digest against every configured token (no early exit on the
 first match), so timing reveals neither a token nor which one matched.
+
+Management is never open by default: with no admin token configured (and not --insecure)
+the server generates one at start and keeps it in `<adapters_dir>/.admin-token` (0600),
+because any web page the user opens can POST a multipart form to 127.0.0.1 without a
+preflight (CSRF, DNS rebinding). In that same zero-config mode the listener also refuses
+Host headers that are not loopback names, which stops DNS rebinding from reading answers.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
+import os
+import secrets
 from pathlib import Path
 
 from server.config import Settings
@@ -18,6 +27,55 @@ from server.errors import Forbidden, Unauthorized
 logger = logging.getLogger(__name__)
 
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+ADMIN_TOKEN_FILE = ".admin-token"  # dot name: the adapter store never reads it as an adapter
+
+
+def load_or_create_admin_token(path: Path) -> tuple[str, bool]:
+    """The token kept in `path`, made (random, 0600) if absent; True when made now.
+
+    Replicas sharing a store may start together: the token is written to a private temp
+    file and hard-linked into place, so exactly one wins and nobody reads a half-written file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        if path.stat().st_mode & 0o077:
+            logger.warning("admin token file %s is readable by others; making it 0600", path)
+            path.chmod(0o600)
+        return token, False
+    token = secrets.token_urlsafe(32)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(token + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return path.read_text(encoding="utf-8").strip(), False
+    finally:
+        temporary.unlink(missing_ok=True)
+    return token, True
+
+
+def is_loopback_host(host: str) -> bool:
+    """A Host header value (with or without port) that names this machine's loopback."""
+    if host.startswith("["):  # [::1]:8000
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class _SecretFile:
@@ -70,17 +128,35 @@ class Authenticator:
         self._admin_file = _SecretFile(settings.admin_token_file)
         self._keys = tuple(k.get_secret_value().encode() for k in settings.api_keys)
         self._keys_file = _SecretFile(settings.api_keys_file)
-        self.admin_required = bool(self._admin) or settings.admin_token_file is not None
+        configured = bool(self._admin) or settings.admin_token_file is not None
+        # Zero-config mode: a generated token guards management (and Host names are checked).
+        self.generated_token_path = (
+            None if configured or settings.insecure else settings.adapters_dir / ADMIN_TOKEN_FILE
+        )
+        self._generated: tuple[bytes, ...] = ()
+        self.admin_required = configured or self.generated_token_path is not None
         self.keys_required = bool(self._keys) or settings.api_keys_file is not None
 
+    def prepare(self) -> None:
+        """At start: make or read the generated admin token and say where it is."""
+        if self.generated_token_path is None or self._generated:
+            return
+        token, made = load_or_create_admin_token(self.generated_token_path)
+        self._generated = (token.encode(),)
+        logger.warning("no admin token configured: adapter management needs the token %s %s "
+                       "(send `Authorization: Bearer $(cat %s)`)",
+                       "generated in" if made else "kept in", self.generated_token_path, self.generated_token_path)
+
     def admin_tokens(self) -> tuple[bytes, ...]:
-        return self._admin + self._admin_file.tokens()
+        # A second listener (admin port) shares the file but not this object: read it on first use.
+        self.prepare()
+        return self._admin + self._admin_file.tokens() + self._generated
 
     def api_keys(self) -> tuple[bytes, ...]:
         return self._keys + self._keys_file.tokens()
 
     def check_admin(self, authorization: str | None) -> None:
-        """No admin token configured = loopback-only dev mode (cli.check_exposure enforces that)."""
+        """Open only with --insecure and no token (cli.check_exposure keeps that on loopback)."""
         if not self.admin_required:
             return
         presented = bearer(authorization)

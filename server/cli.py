@@ -60,6 +60,9 @@ def check_exposure(settings: Settings) -> None:
             )
         logger.warning("!!! INSECURE: listening on %s with NO admin token: anyone who can reach it can "
                        "upload and delete adapters !!!", ", ".join(exposed))
+    elif settings.insecure and not has_token:
+        logger.warning("!!! INSECURE: adapter management is OPEN on loopback: any local process, and any web "
+                       "page open in a browser here (cross-site POST), can upload and delete adapters !!!")
 
 
 async def _serve(settings: Settings) -> None:

@@ -91,6 +91,22 @@ class InsufficientStorage(AdaptserveError):
     code = "insufficient_storage"
 
 
+class AdapterLoadFailed(AdaptserveError):
+    """The adapter could not be brought into memory (host or device out of memory).
+
+    503, not 507: the store is fine and the base keeps serving; retrying once other adapters
+    are evicted (or on another replica) may succeed.
+    """
+
+    code = "adapter_load_failed"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError (host) or torch.OutOfMemoryError (device), matched by class name so the
+    API side never imports torch."""
+    return isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+
+
 ERROR_STATUS: dict[type[AdaptserveError], int] = {
     AdapterNotFound: 404,
     AdapterVersionNotFound: 404,
@@ -108,6 +124,7 @@ ERROR_STATUS: dict[type[AdaptserveError], int] = {
     Forbidden: 403,
     AdapterConflict: 409,
     InsufficientStorage: 507,
+    AdapterLoadFailed: 503,
 }
 
 

@@ -29,7 +29,14 @@ from adapters.signature import BaseSignature
 from adapters.store import AdapterStore, StoredAdapter, StoredVersion, StoreError
 from adapters.validate import AdapterLimits, load_adapter_dir
 from server.contract import AdapterBinding, Engine
-from server.errors import AdapterConflict, AdapterNotFound, AdapterRejected, AdapterVersionNotFound
+from server.errors import (
+    AdapterConflict,
+    AdapterLoadFailed,
+    AdapterNotFound,
+    AdapterRejected,
+    AdapterVersionNotFound,
+    is_out_of_memory,
+)
 from server.metrics import Metrics
 from server.scheduler import Scheduler
 
@@ -97,6 +104,11 @@ class DeviceTier:
         try:
             await self.scheduler.call(lambda: self.engine.load_adapter(binding))
         except Exception as exc:
+            if is_out_of_memory(exc):
+                # Admission would only fail the same way: this request gets the answer now.
+                raise AdapterLoadFailed(f"adapter {binding.name}@{binding.version} does not fit in device "
+                                        f"memory ({type(exc).__name__}); retry later", param="adapter",
+                                        headers={"Retry-After": "5"}) from exc
             # Every slot busy (or a failed copy): admission loads it again later and either
             # waits for a slot or fails that request, so nothing is lost by deferring here.
             logger.info("device load of %s@%s deferred to admission: %s", binding.name, binding.version, exc)
@@ -281,6 +293,9 @@ class Registry:
             ) from exc
         except FileNotFoundError as exc:
             raise AdapterNotFound(f"adapter {chosen.manifest.ref} was deleted", param="adapter") from exc
+        except MemoryError as exc:
+            raise AdapterLoadFailed(f"adapter {chosen.manifest.ref} does not fit in host memory; retry later",
+                                    param="adapter", headers={"Retry-After": "5"}) from exc
         if package.key != chosen.key:
             raise AdapterRejected(f"stored adapter {chosen.manifest.ref} does not match its content hash",
                                   param="adapter")
@@ -344,13 +359,13 @@ class Registry:
         return self.device is not None and key not in self.device.resident()
 
     async def _warm(self, version: AdapterVersion) -> None:
+        """Best effort: the answer (or the listing) shows the tier it reached."""
         try:
             package = await self._ensure_cpu(version)
-        except (AdapterRejected, AdapterNotFound):
-            logger.exception("pinned adapter %s cannot be loaded", version.manifest.ref)
-            return
-        manifest = package.manifest
-        await self._ensure_device(AdapterBinding(manifest.name, manifest.version, manifest.sha256, package))
+            manifest = package.manifest
+            await self._ensure_device(AdapterBinding(manifest.name, manifest.version, manifest.sha256, package))
+        except (AdapterRejected, AdapterNotFound, AdapterLoadFailed):
+            logger.exception("adapter %s cannot be warmed", version.manifest.ref)
 
     async def _enforce_device(self, by_lru: list[tuple[AdapterEntry, AdapterVersion]], pinned: set[str]) -> None:
         resident = set(self.device.resident())

@@ -3,13 +3,15 @@
 Every route needs the admin token (router dependency, checked before any body byte is
 read). Uploads stream straight into a private staging dir under the store, counting bytes
 as they arrive: past `max_upload_bytes` the request ends with 413 and the staging dir is
-removed. Memory tiers (load/unload) are per replica; versions, the current alias and pins
-live in the store, so every replica sharing it converges on them.
+removed. A full disk (or quota, or file-size limit) mid-upload answers 507 and removes the
+staging dir the same way. Memory tiers (load/unload) are per replica; versions, the current
+alias and pins live in the store, so every replica sharing it converges on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -20,7 +22,7 @@ from adapters.archive import extract_adapter, is_archive
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from adapters.validate import PICKLE_SUFFIXES
 from server.api.deps import AdminDep, ReadyServicesDep
-from server.errors import AdapterRejected, InvalidParameter, PayloadTooLarge
+from server.errors import AdapterRejected, InsufficientStorage, InvalidParameter, PayloadTooLarge
 from server.registry import AdapterEntry, AdapterVersion, Registry, parse_ref
 
 router = APIRouter(tags=["adapters"], dependencies=[AdminDep])
@@ -28,6 +30,8 @@ router = APIRouter(tags=["adapters"], dependencies=[AdminDep])
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "config.json")
 ARCHIVE_NAME = "upload.archive"
 MAX_FIELD_BYTES = 1024  # the only text field is the adapter name
+# Out of space, out of quota, past RLIMIT_FSIZE (Python ignores SIGXFSZ, so writes get EFBIG).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class _MultipartToDisk:
@@ -147,6 +151,12 @@ async def upload_adapter(request: Request, response: Response, services: ReadySe
         raise
     except AdapterRejected:
         uploads.labels("rejected").inc()
+        raise
+    except OSError as exc:
+        uploads.labels("error").inc()
+        if exc.errno in STORAGE_ERRNOS:
+            # The staging dir is gone by now (the `with` above); nothing was published.
+            raise InsufficientStorage(f"the adapter store is out of space: {exc.strerror}") from exc
         raise
     except Exception:
         uploads.labels("error").inc()

@@ -141,12 +141,19 @@ class TorchEngine:
             self.evict_adapter(victim)
         slot = self.slots.free.pop()
         package: AdapterPackage = adapter.package
-        for name, weights in package.modules.items():
-            self.layers[name].load_slot(slot, weights, self.base.dtype, self.device)
-        if package.head is not None:
-            weight = package.head.weight.to(self.device, torch.float32)
-            bias = package.head.bias.to(self.device, torch.float32) if package.head.bias is not None else None
-            self.heads[adapter.key] = (weight, bias, package.manifest.labels or ())
+        try:
+            for name, weights in package.modules.items():
+                self.layers[name].load_slot(slot, weights, self.base.dtype, self.device)
+            if package.head is not None:
+                weight = package.head.weight.to(self.device, torch.float32)
+                bias = package.head.bias.to(self.device, torch.float32) if package.head.bias is not None else None
+                self.heads[adapter.key] = (weight, bias, package.manifest.labels or ())
+        except BaseException:
+            # Out of memory halfway through the copy: the slot goes back empty, not lost.
+            for layer in self.layers.values():
+                layer.clear_slot(slot)
+            self.slots.free.append(slot)
+            raise
         self.slots.by_key[adapter.key] = slot
         self._update_stats()
         logger.debug("adapter %s@%s loaded into slot %d", adapter.name, adapter.version, slot)
@@ -266,6 +273,15 @@ class TorchEngine:
                     slot = self.load_adapter(request.adapter)
                 except NoFreeSlot:
                     break  # waits until a running row releases its adapter
+                except Exception as exc:
+                    # This request's adapter cannot be loaded (out of memory): fail it alone,
+                    # rather than the whole step and every running row with it.
+                    logger.warning("adapter %s@%s failed to load: %s", request.adapter.name,
+                                   request.adapter.version, exc)
+                    self.waiting.popleft()
+                    events.append(TokenEvent(request.request_id, "", (), "error", cost, 0,
+                                             error=f"adapter_load_failed: {type(exc).__name__}"))
+                    continue
                 self.slots.users[request.adapter.key] += 1
             self.waiting.popleft()
             budget -= cost

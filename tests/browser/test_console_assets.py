@@ -14,7 +14,8 @@ from server.config import Settings
 
 def client(tmp_path) -> TestClient:
     # No `with`: the lifespan (and so the base model) never starts; the console needs neither.
-    return TestClient(create_app(Settings(adapters_dir=tmp_path / "a", cache_dir=tmp_path / "c")))
+    # localhost: the zero-config server answers loopback Host names only (TestClient says "testserver").
+    return TestClient(create_app(Settings(adapters_dir=tmp_path / "a", cache_dir=tmp_path / "c")), base_url="http://localhost")
 
 
 def test_every_asset_ships_inside_the_package():
@@ -42,7 +43,7 @@ def test_only_the_three_assets_are_reachable(tmp_path):
 
 def test_admin_only_surface_serves_no_console(tmp_path):
     app = create_app(Settings(adapters_dir=tmp_path / "a", cache_dir=tmp_path / "c"), surface="admin")
-    assert TestClient(app).get("/ui/").status_code == 404
+    assert TestClient(app, base_url="http://localhost").get("/ui/").status_code == 404
 
 
 def test_assets_reference_no_other_origin():

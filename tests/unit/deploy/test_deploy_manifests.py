@@ -447,7 +447,7 @@ def test_probe_and_metrics_paths_are_served_by_the_real_app(monkeypatch):
         monkeypatch.delenv(key)
     # No `with`: the lifespan (model load) never runs, the routes answer all the same:
     # /readyz with 503 until a base is loaded, which is what a probe path must do.
-    client = TestClient(create_app(Settings()))
+    client = TestClient(create_app(Settings()), base_url="http://localhost")  # loopback Host: see server/auth.py
     assert client.get(HEALTH_PATH).status_code == 200  # alive before the model is loaded
     assert client.get(READY_PATH).status_code == 503  # not ready before the model is loaded
     metrics = client.get(METRICS_PATH)
