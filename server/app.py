@@ -31,7 +31,9 @@ Surface = Literal["all", "public", "admin"]
 # Paths that stay open while draining (probes and scrapes must keep working).
 ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics")
 # Fields handlers may leave on request.state for the request's log line.
-REQUEST_LOG_FIELDS = ("model", "prompt_tokens", "completion_tokens", "ttft_ms", "choices", "user", "error")
+REQUEST_LOG_FIELDS = (
+    "model", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "choices", "user", "error",
+)
 
 
 def error_body(code: str, message: str, status: int, param: str | None = None, details=None) -> dict:
@@ -61,7 +63,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        # 400: a body FastAPI could not parse at all (JSON nested past the parser's depth).
+        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return JSONResponse(
             error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), exc.status_code),
             exc.status_code, getattr(exc, "headers", None),

@@ -128,7 +128,11 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(4, ge=0, description="Stop strings per request.")
     max_stop_length: int = Field(64, ge=1, description="Characters per stop string.")
     max_classify_inputs: int = Field(64, ge=1, description="Texts per classify call.")
+    max_n: int = Field(4, ge=1, le=64, description="Choices per OpenAI request (n x prompts); each is a full row.")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest JSON request body.")
 
     # --- observability --------------------------------------------------------------
+    metrics_adapter_labels: int = Field(
+        20, ge=1, le=1000, description="Adapters that keep their own metric label (busiest first); the rest are `other`."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")

@@ -59,6 +59,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    queue_s: float | None = None  # on a request's first token: time from add() to its prefill
 
     @property
     def finished(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal, Sequence
+from typing import Any, AsyncIterator, Literal, Sequence
 
 from adapters.merge import MergeSpec
 from server.config import Settings
@@ -184,23 +184,36 @@ class InferenceService:
             deadline=time.monotonic() + self.settings.request_timeout_s,
         )
 
-    async def stream(self, request: GenerationRequest, endpoint: str) -> AsyncIterator[TokenEvent]:
-        """Engine events with metrics recorded; closing early cancels the row."""
+    async def stream(self, request: GenerationRequest, endpoint: str, log: Any = None) -> AsyncIterator[TokenEvent]:
+        """Engine events with metrics recorded; closing early cancels the row.
+
+        `log` (the HTTP request's state, if given) receives queue_ms, ttft_ms and token counts
+        for the request's log line.
+        """
         started = time.monotonic()
         first = True
         adapter = request.adapter.name if request.adapter else "__base__"
         async for event in self.scheduler.generate(request):
+            if event.queue_s is not None:
+                self.metrics.queue_time.observe(event.queue_s)
+                if log is not None:
+                    log.queue_ms = round(event.queue_s * 1000, 1)
             if first and event.token_ids:
-                self.metrics.time_to_first_token.labels(endpoint).observe(time.monotonic() - started)
+                ttft = time.monotonic() - started
+                self.metrics.time_to_first_token.labels(endpoint).observe(ttft)
+                if log is not None:
+                    log.ttft_ms = round(ttft * 1000, 1)
                 first = False
             if event.finished:
                 self.metrics.prompt_tokens.labels(adapter).inc(event.prompt_tokens)
                 self.metrics.generated_tokens.labels(adapter).inc(event.completion_tokens)
+                if log is not None:
+                    log.prompt_tokens, log.completion_tokens = event.prompt_tokens, event.completion_tokens
             yield event
 
-    async def complete(self, request: GenerationRequest, endpoint: str) -> Completion:
+    async def complete(self, request: GenerationRequest, endpoint: str, log: Any = None) -> Completion:
         parts: list[str] = []
-        async for event in self.stream(request, endpoint):
+        async for event in self.stream(request, endpoint, log):
             parts.append(event.text)
             if event.finished:
                 return Completion("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens)

@@ -16,7 +16,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "other"
-# Adapters that keep their own `adapter` label; the rest fold into OTHER_LABEL. Becomes a Setting.
+# Adapters that keep their own `adapter` label; the server passes Settings.metrics_adapter_labels.
 ADAPTER_LABEL_LIMIT = 20
 
 
@@ -95,10 +95,10 @@ class AdapterFolded:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, adapter_label_limit: int = ADAPTER_LABEL_LIMIT) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.adapter_labels = AdapterLabels()
+        self.adapter_labels = AdapterLabels(adapter_label_limit)
         self.requests = AdapterFolded(Counter(
             "adaptserve_requests", "Requests by endpoint, adapter (top-N, the rest `other`) and HTTP status.",
             ["endpoint", "adapter", "status"], registry=r,

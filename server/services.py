@@ -43,7 +43,7 @@ def default_engine_factory(settings: Settings) -> Engine:
 @dataclass
 class Services:
     settings: Settings
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics = field(init=False)
     engine: Engine | None = None
     scheduler: Scheduler | None = None
     registry: Registry | None = None
@@ -54,6 +54,9 @@ class Services:
     draining: bool = False
     boot_error: str | None = None
     started_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.settings.metrics_adapter_labels)
 
     @property
     def info(self) -> EngineInfo:

@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.datastructures import State
 
 from server.api.deps import ReadyServicesDep
 from server.api.disconnect import unless_disconnected
@@ -70,10 +71,10 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
     if body.stream:
         inference.scheduler.check_capacity()
         return StreamingResponse(
-            _sse(inference, request, target), media_type="text/event-stream",
+            _sse(inference, request, target, http_request.state), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    completion = await unless_disconnected(http_request, inference.complete(request, "generate"))
+    completion = await unless_disconnected(http_request, inference.complete(request, "generate", http_request.state))
     return GenerateResponse(
         text=completion.text,
         finish_reason=completion.finish_reason,
@@ -84,9 +85,10 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
     )
 
 
-async def _sse(inference: InferenceService, request: GenerationRequest, target: Target) -> AsyncIterator[str]:
+async def _sse(inference: InferenceService, request: GenerationRequest, target: Target,
+               log: State) -> AsyncIterator[str]:
     adapter = _adapter_out(request.adapter)
-    async for event in inference.stream(request, "generate"):
+    async for event in inference.stream(request, "generate", log):
         if event.finished:
             final = {
                 "text": event.text,

@@ -48,9 +48,6 @@ from server.errors import (
 from server.registry import AdapterVersion
 from server.services import Services
 
-# Choices per request (n x prompts); each is a full generation row. Becomes a Setting.
-MAX_N = 4
-
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 503)}
 TASK_PREFIX = "task:"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -213,6 +210,8 @@ class _Run:
                 index, item = await queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if item.queue_s is not None and getattr(self.state, "queue_ms", None) is None:
+                    self.state.queue_ms = round(item.queue_s * 1000, 1)
                 if item.token_ids and getattr(self.state, "ttft_ms", None) is None:
                     self.state.ttft_ms = round((time.monotonic() - self.state.arrived) * 1000, 1)
                 if item.finished:
@@ -248,12 +247,12 @@ def _raise_failure(event: TokenEvent) -> None:
         raise AdaptserveError("generation was cancelled by the server")
 
 
-def _check_supported(body: CompletionRequest | ChatCompletionRequest, prompts: int) -> None:
+def _check_supported(body: CompletionRequest | ChatCompletionRequest, prompts: int, max_n: int) -> None:
     refused = body.unsupported()
     if refused is not None:
         raise UnsupportedParameter(refused[1], param=refused[0])
-    if body.n * prompts > MAX_N:
-        raise InvalidRequest(f"n x prompts = {body.n * prompts}; at most {MAX_N} choices per request", param="n")
+    if body.n * prompts > max_n:
+        raise InvalidRequest(f"n x prompts = {body.n * prompts}; at most {max_n} choices per request", param="n")
 
 
 async def _prepare(services: Services, body: CompletionRequest | ChatCompletionRequest, inputs: list[dict],
@@ -329,7 +328,7 @@ def _stream_response(services: Services, stream: AsyncIterator[str]) -> Streamin
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesDep, http_request: Request):
     http_request.state.model = body.model
-    _check_supported(body, 1)
+    _check_supported(body, 1, services.settings.max_n)
     limit, limit_param = body.token_limit()
     if body.max_tokens is not None and body.max_completion_tokens not in (None, body.max_tokens):
         raise InvalidRequest("max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
@@ -360,7 +359,7 @@ async def completions(body: CompletionRequest, services: ReadyServicesDep, http_
     prompts = body.prompts()
     if not prompts:
         raise InvalidRequest("prompt is an empty list", param="prompt")
-    _check_supported(body, len(prompts))
+    _check_supported(body, len(prompts), services.settings.max_n)
     requests = await _prepare(services, body, [{"prompt": p} for p in prompts], body.max_tokens, "max_tokens",
                               "prompt")
     run = _Run(http_request, services, requests, body.n, "completions", body.user)

@@ -49,6 +49,7 @@ class _Row:
     detokenizer: Detokenizer
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
+    queue_s: float | None = None  # reported on the first token only
 
     @property
     def pending(self) -> int:
@@ -92,6 +93,7 @@ class TorchEngine:
         self.attention: torch.Tensor | None = None  # [rows, kv_len] 1 = real token
         self.cancelled: dict[str, FinishReason] = {}
         self._stats: dict[str, Any] = {}
+        self.enqueued_at: dict[str, float] = {}  # request id -> time.monotonic() of add()
         # Fast tokenizers refuse concurrent calls that change padding/truncation state.
         self.tokenizer_lock = threading.Lock()
         self.eos_ids = self._eos_ids()
@@ -184,6 +186,7 @@ class TorchEngine:
 
     def add(self, request: GenerationRequest) -> None:
         self.waiting.append(request)
+        self.enqueued_at[request.request_id] = time.monotonic()
 
     def cancel(self, request_id: str, reason: FinishReason) -> None:
         # Only requests still here: a late cancel of a finished one must not linger.
@@ -232,6 +235,7 @@ class TorchEngine:
         self.waiting.clear()
         self.rows, self.cache, self.attention = [], None, None
         self.cancelled.clear()
+        self.enqueued_at.clear()
         self._update_stats()
         return [TokenEvent(r.request_id, "", (), "error", len(r.prompt_ids), 0, error=error) for r in requests]
 
@@ -245,6 +249,7 @@ class TorchEngine:
             if reason is None:
                 kept.append(request)
             else:
+                self.enqueued_at.pop(request.request_id, None)
                 events.append(TokenEvent(request.request_id, "", (), reason, len(request.prompt_ids), 0))
         self.waiting = kept
 
@@ -279,6 +284,7 @@ class TorchEngine:
                     logger.warning("adapter %s@%s failed to load: %s", request.adapter.name,
                                    request.adapter.version, exc)
                     self.waiting.popleft()
+                    self.enqueued_at.pop(request.request_id, None)
                     events.append(TokenEvent(request.request_id, "", (), "error", cost, 0,
                                              error=f"adapter_load_failed: {type(exc).__name__}"))
                     continue
@@ -290,7 +296,9 @@ class TorchEngine:
             if not params.greedy:
                 generator = torch.Generator(device="cpu")
                 generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-            admitted.append(_Row(request, slot, Detokenizer(self.tokenizer, params.stop), generator))
+            row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), generator)
+            row.queue_s = time.monotonic() - self.enqueued_at.pop(request.request_id, time.monotonic())
+            admitted.append(row)
         return admitted
 
     def _set_plan(self, slots: list[int]) -> None:
@@ -362,7 +370,8 @@ class TorchEngine:
                 text += row.detokenizer.flush()
                 finished[self.rows.index(row)] = reason
             events.append(
-                TokenEvent(row.request.request_id, text, (token,), reason, prompt_tokens, len(row.generated))
+                TokenEvent(row.request.request_id, text, (token,), reason, prompt_tokens, len(row.generated),
+                           queue_s=row.queue_s if first else None)
             )
         if finished:
             self._remove_rows(finished)

@@ -206,3 +206,20 @@ def test_encoder_base_classifies_and_refuses_generate(tiny_bert, tmp_path):
             assert result["scores"]["a"] == pytest.approx(float(probs[0]), abs=1e-5)
     finally:
         stop_server(running)
+
+
+def test_one_json_log_line_with_queue_and_tokens(llama_server, caplog):
+    import logging
+
+    from tests.unit.api.test_openai_api import access_line
+
+    caplog.set_level(logging.INFO, logger="adaptserve.access")
+    with llama_server.client() as client:
+        response = client.post("/v1/generate", json={"prompt": "one two", "adapter": "gen-a", "max_new_tokens": 3},
+                               headers={"X-Request-Id": "native-1"})
+    assert response.headers["x-request-id"] == "native-1"
+    line = access_line(caplog, "native-1")
+    usage = response.json()["usage"]
+    assert line["adapter"].startswith("gen-a@") and line["status"] == 200
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert 0 <= line["queue_ms"] <= line["ttft_ms"] <= line["total_ms"]

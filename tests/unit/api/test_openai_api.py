@@ -157,6 +157,7 @@ def test_one_json_log_line_per_request(client, llama_server, caplog):
     assert line["prompt_tokens"] == response.usage.prompt_tokens
     assert line["completion_tokens"] == response.usage.completion_tokens
     assert line["total_ms"] >= line["ttft_ms"] > 0
+    assert 0 <= line["queue_ms"] <= line["total_ms"]
 
 
 def test_a_streamed_request_logs_its_tokens_once_the_stream_ends(client, caplog):
