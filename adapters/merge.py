@@ -40,6 +40,9 @@ from adapters.signature import BaseSignature
 MergeMethod = Literal["cat", "linear", "svd", "ties", "dare_linear", "dare_ties"]
 MERGE_METHODS: tuple[str, ...] = get_args(MergeMethod)
 SPARSIFYING = ("ties", "dare_linear", "dare_ties")
+# Far past any useful mix, and small enough that weighted deltas stay finite in float32
+# (1e308 is a finite float64 but inf once the SVD's float32 sees it: a 500 before this bound).
+MAX_WEIGHT = 1e3
 DEFAULT_DENSITY = 0.5
 
 
@@ -125,8 +128,8 @@ def merge_adapters(name: str, sources: Sequence[MergeSource], spec: MergeSpec) -
     if len(tasks) > 1:
         problems.append("sources mix generation and classification adapters")
     for s in sources:
-        if not math.isfinite(s.weight):
-            problems.append(f"weight of {s.package.manifest.ref} must be finite")
+        if not math.isfinite(s.weight) or abs(s.weight) > MAX_WEIGHT:
+            problems.append(f"weight of {s.package.manifest.ref} must be finite and within ±{MAX_WEIGHT:g}")
     if problems:
         raise MergeError("; ".join(problems))
     head = _merge_heads(sources)

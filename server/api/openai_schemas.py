@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.schemas import Text
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -20,15 +22,15 @@ class StreamOptions(BaseModel):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # `developer` is OpenAI's newer name for `system`; `tool` is refused with the tools.
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
     tool_calls: list[Any] | None = None
     tool_call_id: str | None = None
 
@@ -82,7 +84,7 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] = Field(..., description="One prompt or several; token-id prompts are not supported.")
+    prompt: Text | list[Text] = Field(..., description="One prompt or several; token-id prompts are not supported.")
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+def _encodable(text: str) -> str:
+    # JSON may spell lone surrogates ("\\ud800"); the tokenizer raises a TypeError on them (a 500).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode at position {exc.start}") from None
+    return text
+
+
+# Any text that reaches the tokenizer.
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class WeightedAdapter(BaseModel):
@@ -54,7 +67,7 @@ class TargetFields(BaseModel):
 class GenerateRequest(TargetFields):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, description="Raw prompt text; give this or `messages`.")
+    prompt: Text | None = Field(None, description="Raw prompt text; give this or `messages`.")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, description="Chat turns, rendered with the base's chat template."
     )
@@ -99,7 +112,7 @@ class GenerateResponse(BaseModel):
 
 class ClassifyRequest(TargetFields):
     model_config = ConfigDict(extra="forbid")
-    inputs: str | list[str] = Field(..., description="One text or a list of texts.")
+    inputs: Text | list[Text] = Field(..., description="One text or a list of texts.")
 
     @model_validator(mode="after")
     def _needs_target(self) -> "ClassifyRequest":
