@@ -152,7 +152,8 @@ async def run_load(
                 records.append(await _one_request(client, body, seen, warmup))
             except asyncio.CancelledError:
                 now = time.monotonic()
-                records.append(RequestRecord(seen.start, now, now - seen.start, 0, len(seen.token_times), ABANDONED,
+                ttft = seen.ttft if seen.ttft is not None else now - seen.start
+                records.append(RequestRecord(seen.start, now, ttft, 0, len(seen.token_times), ABANDONED,
                                              seen.ttft is not None, token_times=tuple(seen.token_times)))
                 raise
             except httpx.HTTPError as exc:

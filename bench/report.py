@@ -62,7 +62,9 @@ def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, f
     one request still measures the server's rate. A window ends at its last token: for a
     server that answers in one piece (no streaming) the time after its last answer holds
     work whose tokens are not visible yet, and counting it would understate the rate.
-    Latency and TTFT are over full-length requests that finished inside a window.
+    TTFT is over every request sent inside a window whose first token arrived (its length
+    does not matter to it; requests sent before the window start include the cold first
+    prefill of the whole batch). Latency is over full-length requests that finished inside.
     """
     tokens, window = 0, 0.0
     for start, end in windows:
@@ -79,7 +81,8 @@ def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, f
         return None if value is None else round(value, digits)
 
     latencies = [r.latency for r in done]
-    ttfts = [r.ttft for r in done]
+    sent_inside = [r for r in records if any(start <= r.start <= end for start, end in windows)]
+    ttfts = [r.ttft for r in sent_inside if r.error is None and r.token_times]
     return {
         "window_s": round(window, 2),
         "completed": len(done),
@@ -91,7 +94,7 @@ def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, f
         "requests_per_s": rounded(rate / mean_completion) if mean_completion else None,
         "ttft_p50_s": rounded(percentile(ttfts, 50)),
         "ttft_p95_s": rounded(percentile(ttfts, 95)),
-        "ttft_is_latency": bool(done) and not any(r.streamed for r in done),
+        "ttft_is_latency": bool(ttfts) and not any(r.streamed for r in sent_inside),
         "latency_p50_s": rounded(percentile(latencies, 50)),
         "latency_p95_s": rounded(percentile(latencies, 95)),
         "mean_prompt_tokens": rounded(sum(r.prompt_tokens for r in done) / len(done), 1) if done else None,

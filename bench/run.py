@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="interleaved rounds of every scenario, so load from other users of the "
                         "machine falls on all of them alike (default 3, --quick 1)")
     parser.add_argument("--measure", type=float, default=None,
-                        help="counted seconds per adaptserve scenario, over all rounds (default 90, --quick 28)")
+                        help="counted seconds per adaptserve scenario, over all rounds (default 120, --quick 40); "
+                        "latency needs rounds longer than one request (~40 s at C=32 on 2 cores)")
     parser.add_argument("--warmup", type=float, default=None,
                         help="uncounted seconds at the start of each round (default 10, --quick 8)")
     parser.add_argument("--naive-measure", type=float, default=None,
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _defaults(options: argparse.Namespace) -> None:
     for key, full, quick in (
-        ("rounds", 3, 1), ("measure", 90, 28), ("warmup", 10, 8), ("naive_measure", 150, 60),
+        ("rounds", 3, 1), ("measure", 120, 40), ("warmup", 10, 8), ("naive_measure", 150, 60),
     ):
         if getattr(options, key) is None:
             setattr(options, key, quick if options.quick else full)

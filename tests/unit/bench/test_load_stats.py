@@ -111,3 +111,15 @@ def test_prompts_are_distinct_and_sized():
     prompts = make_prompts(64)
     assert len(set(prompts)) == len(prompts)
     assert all(40 <= len(p.split()) <= 56 for p in prompts)
+
+
+def test_ttft_is_over_requests_sent_inside_the_window_of_any_length():
+    records = [
+        record(0.0, 30.0, ttft=12.0),  # the cold first prefill, sent before the window
+        record(11.0, 14.0, ttft=0.5, tokens=4, warmup=True),
+        record(12.0, 30.0, ttft=1.5, abandoned=True),
+    ]
+    summary = summarize(records, [(10.0, 20.0)])
+    assert summary["ttft_p50_s"] == pytest.approx(1.0)
+    assert summary["ttft_p95_s"] == pytest.approx(1.45)
+    assert summary["completed"] == 0 and summary["latency_p50_s"] is None
