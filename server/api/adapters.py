@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from adapters.archive import extract_adapter, is_archive
@@ -179,6 +180,9 @@ async def _receive_and_publish(request: Request, registry: Registry, staging: Pa
                 raise PayloadTooLarge(f"upload larger than {cap} bytes")
             parser.write(chunk)
         parser.finalize()
+    except MultipartParseError as exc:
+        # A body that is not the multipart its header announced (a 500 before this).
+        raise InvalidParameter(f"malformed multipart body: {exc}") from exc
     finally:
         receiver.close()
     problems = list(receiver.problems)
