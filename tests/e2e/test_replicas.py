@@ -37,14 +37,16 @@ class Replica:
         return httpx.Client(base_url=self.url, timeout=30)
 
 
-def start_replica(base: Path, store: Path, workdir: Path, name: str) -> Replica:
+def start_replica(base: Path, store: Path, workdir: Path, name: str, extra_args: tuple[str, ...] = (),
+                  preexec_fn=None) -> Replica:
+    """`adaptserve serve` in a subprocess; returns once /readyz is 200 (tests/hardening reuses it)."""
     port = free_port()
     log = workdir / f"{name}-{port}.log"
     command = [sys.executable, "-m", "server.cli", "serve", "--base-model", str(base), "--adapters-dir", str(store),
                "--port", str(port), "--admin-token", TOKEN, "--cache-dir", str(workdir / "cache"),
-               "--no-install-example-adapters", "--threads", "1", "--log-level", "warning"]
+               "--no-install-example-adapters", "--threads", "1", "--log-level", "warning", *extra_args]
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     replica = Replica(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
