@@ -131,7 +131,7 @@ def cmd_prepare_base(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{serve,prepare-base,train,eval,compare,push,bench}")
+                                metavar="{serve,prepare-base,train,eval,compare,push,bench,soak}")
     serve = sub.add_parser("serve", help="serve the base model and the adapters in the store")
     _add_settings_flags(serve)
     serve.set_defaults(handler=cmd_serve)
@@ -150,6 +150,7 @@ DELEGATED = {
     "compare": ("trainer.cli", "main", True),
     "push": ("trainer.cli", "main", True),
     "bench": ("bench.run", "main", False),
+    "soak": ("bench.soak", "main", False),
     "export": ("adapters.export", "main", False),
 }
 
