@@ -86,14 +86,18 @@ class Settings(BaseSettings):
     admin_port: int | None = Field(
         None, ge=0, le=65535, description="Serve adapter management on its own listener; None = on the main port."
     )
-    admin_token: SecretStr | None = Field(None, description="Bearer token for adapter management.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for adapter management; none set = one is generated into "
+        "<adapters_dir>/.admin-token (0600) at start.",
+    )
     admin_token_file: Path | None = Field(None, description="File holding the admin token (a mounted secret).")
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Bearer keys for inference; empty = inference is open."
     )
     api_keys_file: Path | None = Field(None, description="File with one inference key per line (a mounted secret).")
     insecure: bool = Field(
-        False, description="Allow a non-loopback bind without an admin token (logs a loud warning)."
+        False, description="No admin token at all: management is open (no generated token, no Host check), "
+        "and a non-loopback bind is allowed. Logs a loud warning."
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running requests may finish before exit."

@@ -130,7 +130,8 @@ async function loadAdapters() {
   const modelsProblem = await loadModels();
   let entries = null;
   let rejected = [];
-  let message = "Enter the admin token to see tiers and version history, and to upload.";
+  let message = "Enter the admin token to see tiers and version history, and to upload. A server started "
+    + "without one made its own: it is in the .admin-token file in the server's adapters folder.";
   if (token("admin")) {
     const result = await call("/v1/adapters", { auth: "admin" });
     if (result.ok) {
