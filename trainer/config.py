@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 import yaml
 
+from adapters.manifest import Task
 from adapters.package import NAME_PATTERN
 
 Method = Literal["lora", "rslora", "dora", "ia3", "prompt-tuning", "last-n-layers"]
 METHODS: tuple[str, ...] = ("lora", "rslora", "dora", "ia3", "prompt-tuning", "last-n-layers")
-TaskName = Literal["generate", "classify"]
 CONFIG_FILE_NAME = "train_config.yaml"
 
 
@@ -25,7 +25,7 @@ CONFIG_FILE_NAME = "train_config.yaml"
 class TrainConfig:
     train_file: str
     output_dir: str
-    task: TaskName = "generate"
+    task: Task = "generate"
     validation_file: str | None = None  # held out; split off train_file when absent
     validation_fraction: float = 0.1
     name: str | None = None  # adapter name; defaults to the output folder's name

@@ -17,7 +17,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
+
+from adapters.manifest import Task
 
 MAX_REPORTED_PROBLEMS = 20
 
@@ -53,7 +55,6 @@ class ClassificationExample:
 
 
 Example = GenerationExample | ClassificationExample
-Task = Literal["generate", "classify"]
 _ROLES = ("system", "user", "assistant")
 
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
 from adapters.bases import resolve_base
 from adapters.manifest import MANIFEST_FILE, AdapterManifest
 from trainer.data import load_examples
@@ -21,6 +23,7 @@ def evaluate_adapter(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     max_length: int = 256,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics on every example of `data_file`: {"base": ..., "adapter": ...} ("adapter" only with one)."""
     manifest = _manifest(Path(adapter_dir)) if adapter_dir else None
@@ -30,13 +33,10 @@ def evaluate_adapter(
     base_name = base or (manifest.base_model if manifest and manifest.base_model else None) or _peft_base(adapter_dir) or "smollm2-135m-instruct"
     resolved = resolve_base(base_name)
     examples = load_examples(data_file, task)
-    labels = list(manifest.labels) if manifest and manifest.labels else sorted({e.label for e in examples}) if task == "classify" else None
-    if task == "classify" and manifest and manifest.labels:
-        unknown = sorted({e.label for e in examples} - set(labels))
-        if unknown:
-            raise ValueError(f"{data_file}: label(s) {unknown} are not among the adapter's labels {labels}")
+    labels = _labels(task, manifest, examples, data_file)
 
     tokenizer = load_tokenizer(resolved)
+    set_seed(seed)  # a classifier's base head is freshly initialised: make its score repeatable
     model = load_base_model(resolved, task, tokenizer, labels)
 
     def measure(current) -> dict[str, Any]:
@@ -48,6 +48,18 @@ def evaluate_adapter(
     if adapter_dir:
         results["adapter"] = measure(load_adapter(model, Path(adapter_dir)))
     return results
+
+
+def _labels(task: str, manifest: AdapterManifest | None, examples, data_file: str) -> list[str] | None:
+    if task != "classify":
+        return None
+    seen = {e.label for e in examples}
+    if manifest is None or not manifest.labels:
+        return sorted(seen)
+    unknown = sorted(seen - set(manifest.labels))
+    if unknown:
+        raise ValueError(f"{data_file}: label(s) {unknown} are not among the adapter's labels {list(manifest.labels)}")
+    return list(manifest.labels)
 
 
 def _manifest(directory: Path) -> AdapterManifest | None:

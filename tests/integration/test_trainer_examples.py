@@ -43,11 +43,8 @@ def test_generation_example_beats_the_base():
 
 
 def test_classification_example_beats_the_base_head():
-    from transformers import set_seed
-
     from trainer.eval_adapter import evaluate_adapter
 
-    set_seed(0)  # the base head is random: pin it
     results = evaluate_adapter(str(REPO / "examples/data/ticket-routing/test.jsonl"), str(_example("ticket-routing")))
     assert results["base"]["accuracy"] < 0.5  # 4 balanced labels: chance is 0.25
     assert results["adapter"]["accuracy"] >= 0.9
