@@ -136,6 +136,25 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float, log_path: 
     raise SystemExit(f"server not ready after {timeout_s:.0f} s; see {log_path}")
 
 
+def settle(server: Server, timeout_s: float = 120.0) -> float | None:
+    """Wait until the server has no running or waiting rows; seconds it took, None if it can't say.
+
+    Rows whose clients left must be freed within a step; rows still running here would eat
+    into the next scenario, so this both keeps scenarios apart and checks cancellation.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        response = httpx.get(f"{server.url}/metrics", timeout=10)
+        if response.status_code != 200:
+            return None  # the naive server has no metrics (it drops gone clients by itself)
+        busy = [line for line in response.text.splitlines()
+                if line.startswith(("adaptserve_running_rows ", "adaptserve_queue_depth ")) and float(line.split()[-1])]
+        if not busy:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise SystemExit(f"{server.name} still has rows {timeout_s:.0f} s after its clients left")
+
+
 async def sample_peak_rss(pid: int, stop: asyncio.Event, every_s: float = 0.5) -> int:
     """Largest RSS of the server process seen while `stop` is unset (bytes)."""
     process, peak = psutil.Process(pid), 0
@@ -195,6 +214,9 @@ def measure_round(server: Server, scenario: Scenario, options: argparse.Namespac
 
     t_start = time.monotonic()  # within ms of run_load's own t0; only for the progress lines
     t0, records, peak_rss = asyncio.run(go())
+    settled = settle(server)
+    if settled is not None and settled > 2.0:
+        log(f"  rows outlived their clients by {settled:.1f} s")
     into.records.extend(records)
     into.windows.append((t0 + scenario.warmup_s, t0 + spec.duration_s))
     into.peak_rss = max(into.peak_rss, peak_rss)
