@@ -91,6 +91,12 @@ class InsufficientStorage(AdaptserveError):
     code = "insufficient_storage"
 
 
+class GenerationFailed(AdaptserveError):
+    """The engine step running this request failed; the server itself keeps serving."""
+
+    code = "generation_failed"
+
+
 class AdapterLoadFailed(AdaptserveError):
     """The adapter could not be brought into memory (host or device out of memory).
 
@@ -125,6 +131,7 @@ ERROR_STATUS: dict[type[AdaptserveError], int] = {
     AdapterConflict: 409,
     InsufficientStorage: 507,
     AdapterLoadFailed: 503,
+    GenerationFailed: 500,
 }
 
 

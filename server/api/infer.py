@@ -27,6 +27,7 @@ from server.api.schemas import (
     Usage,
 )
 from server.contract import AdapterBinding, GenerationRequest
+from server.errors import GenerationFailed
 from server.inference import InferenceService, Kind, Target
 
 router = APIRouter(tags=["inference"])
@@ -75,6 +76,8 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     completion = await unless_disconnected(http_request, inference.complete(request, "generate", http_request.state))
+    if completion.finish_reason == "error":
+        raise GenerationFailed("generation failed in the engine; the request can be retried")
     return GenerateResponse(
         text=completion.text,
         finish_reason=completion.finish_reason,

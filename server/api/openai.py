@@ -40,6 +40,7 @@ from server.contract import GenerationRequest, TokenEvent
 from server.errors import (
     AdapterNotFound,
     AdaptserveError,
+    GenerationFailed,
     InvalidParameter,
     InvalidRequest,
     LimitExceeded,
@@ -240,7 +241,7 @@ class _Run:
 def _raise_failure(event: TokenEvent) -> None:
     """Engine outcomes OpenAI has no finish_reason for become errors (stop/length pass through)."""
     if event.finish_reason == "error":
-        raise AdaptserveError(f"generation failed: {event.error}")
+        raise GenerationFailed(f"generation failed: {event.error}")
     if event.finish_reason == "timeout":
         raise AdaptserveError("generation passed the server's request deadline")
     if event.finish_reason == "cancelled":
