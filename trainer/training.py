@@ -173,7 +173,7 @@ def _train_one_seed(
     if trainer.is_world_process_zero():
         metrics = evaluate(trainer.model, tokenizer, config, data)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _save_weights(trainer.model, config, run_dir)
+        _save_weights(trainer.model, config, run_dir, base.canonical_id)
     run = SeedRun(
         seed=seed,
         metrics=metrics,
@@ -224,11 +224,14 @@ def _training_arguments(config: TrainConfig, seed: int, checkpoint_dir: Path, ha
     )
 
 
-def _save_weights(model, config: TrainConfig, directory: Path) -> None:
+def _save_weights(model, config: TrainConfig, directory: Path, base_id: str) -> None:
     if config.method == "last-n-layers":
         trained = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
         save_file(trained, str(directory / PARTIAL_WEIGHTS_FILE))
         return
+    # Record the canonical hub id, not this machine's cache path, as the adapter's base.
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = base_id
     model.save_pretrained(directory, safe_serialization=True)
     # PEFT writes a README.md model card template; the report is the real card.
     (directory / "README.md").unlink(missing_ok=True)

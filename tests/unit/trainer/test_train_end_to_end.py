@@ -56,6 +56,7 @@ def test_generation_lora_writes_a_serve_ready_folder(tmp_path, tiny_llama, gener
         assert (out / name).is_file(), name
     assert not (out / "README.md").exists()
     assert all("lora_" in key for key in _tensor_names(out / "adapter_model.safetensors"))
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == manifest.base_model
     # The written config reproduces the run.
     again = TrainConfig.from_sources(str(out / CONFIG_FILE_NAME), {})
     assert again.max_steps == 12 and again.base == str(tiny_llama)
