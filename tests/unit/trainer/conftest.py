@@ -45,8 +45,9 @@ def tiny_llama(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(_vocabulary()),
-        hidden_size=32,
-        intermediate_size=64,
+        # 64, not 32: bitsandbytes' nf4 kernels need more than one 64-value block per row.
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,

@@ -131,3 +131,12 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_llama, generat
     # The history restored from the checkpoint (steps <= 4) continues with the new steps.
     assert min(steps) <= 4 and max(steps) == 8
     assert (checkpoints / "checkpoint-8").is_dir()
+
+
+def test_qlora_trains_lora_on_an_nf4_base(tmp_path, tiny_llama, generation_file):
+    # bitsandbytes' pure-torch CPU kernels: slow on a real model, fine on this one.
+    config = _config(tmp_path, generation_file, tiny_llama, quantize="nf4", max_steps=2, evaluate_base=False)
+    report = write_outputs(run_training(config))
+    assert report["serving"]["level"] == "batched"
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert report["training_config"]["quantize"] == "nf4"
