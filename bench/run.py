@@ -232,6 +232,8 @@ def result_row(scenario: Scenario, measured: Measured, options: argparse.Namespa
         "rounds": len(measured.windows),
         "peak_rss_mb": round(measured.peak_rss / 2**20, 1),
         **summarize(measured.records, measured.windows),
+        # The spread between rounds is the noise floor of every ratio built on this row.
+        "round_tokens_per_s": [summarize(measured.records, [w])["tokens_per_s"] for w in measured.windows],
     }
 
 
@@ -388,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_average_after"] = list(os.getloadavg())
     targets = targets_for(runs, options.adapters, options.many_adapters)
     print(format_table(runs))
+    if options.rounds > 1:
+        for run in runs:
+            print(f"  {run['name']}: tok/s by round {run['round_tokens_per_s']}")
     print()
     for target in targets:
         if target.value is not None:
