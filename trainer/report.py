@@ -141,7 +141,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"![loss]({LOSS_PLOT})"]
     if report["base_metrics"] is not None:
         lines.append(f"![metrics vs base]({METRICS_PLOT})")
-    lines += ["", f"Reproduce: `adaptserve train --config train_config.yaml`", ""]
+    # Data paths in the config are as given, i.e. relative to where the run was started.
+    lines += ["", f"Reproduce (from the directory the run started in): `adaptserve train --config {report['training_config']['output_dir']}/train_config.yaml`", ""]
     return "\n".join(lines)
 
 

@@ -232,7 +232,9 @@ def _save_weights(model, config: TrainConfig, directory: Path, base_id: str) -> 
     # Record the canonical hub id, not this machine's cache path, as the adapter's base.
     for peft_config in model.peft_config.values():
         peft_config.base_model_name_or_path = base_id
-    model.save_pretrained(directory, safe_serialization=True)
+    # save_embedding_layers=False: no method here trains embeddings, and PEFT's "auto" check
+    # would look the base id up on the hub.
+    model.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
     # PEFT writes a README.md model card template; the report is the real card.
     (directory / "README.md").unlink(missing_ok=True)
 
