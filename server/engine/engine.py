@@ -94,6 +94,9 @@ class TorchEngine:
         self.cancelled: dict[str, FinishReason] = {}
         self._stats: dict[str, Any] = {}
         self.enqueued_at: dict[str, float] = {}  # request id -> time.monotonic() of add()
+        # Valid while the rows' slots are unchanged and no slot is (re)loaded: see _set_decode_plan.
+        self._decode_plan: LoRABatchPlan | None = None
+        self._decode_plan_slots: list[int] = []
         # Fast tokenizers refuse concurrent calls that change padding/truncation state.
         self.tokenizer_lock = threading.Lock()
         self.eos_ids = self._eos_ids()
@@ -157,6 +160,7 @@ class TorchEngine:
             self.slots.free.append(slot)
             raise
         self.slots.by_key[adapter.key] = slot
+        self._decode_plan = None  # pool contents changed: cached operands may be stale
         self._update_stats()
         logger.debug("adapter %s@%s loaded into slot %d", adapter.name, adapter.version, slot)
         return slot
@@ -170,6 +174,7 @@ class TorchEngine:
         del self.slots.by_key[key]
         self.heads.pop(key, None)
         self.slots.free.append(slot)
+        self._decode_plan = None
         self._update_stats()
 
     def hold_adapter(self, key: str, held: bool) -> bool:
@@ -302,7 +307,15 @@ class TorchEngine:
         return admitted
 
     def _set_plan(self, slots: list[int]) -> None:
-        self.context.plan = LoRABatchPlan.for_rows(slots, self.device) if any(slots) else None
+        self.context.plan = LoRABatchPlan.for_rows(slots, self.device)
+
+    def _set_decode_plan(self) -> None:
+        """Reuse the last decode plan (and the operands cached in it) while rows and slots stay put."""
+        slots = [r.slot for r in self.rows]
+        if self._decode_plan is None or self._decode_plan_slots != slots:
+            self._decode_plan = LoRABatchPlan.for_rows(slots, self.device)
+            self._decode_plan_slots = slots
+        self.context.plan = self._decode_plan
 
     def _prefill(self, rows: list[_Row], events: list[TokenEvent]) -> None:
         length = max(len(r.request.prompt_ids) for r in rows)
@@ -337,7 +350,7 @@ class TorchEngine:
         ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
         attention = torch.cat([self.attention, ones], dim=1)  # [rows, kv_len + 1]
         position_ids = attention.sum(-1, keepdim=True) - 1  # [rows, 1]
-        self._set_plan([r.slot for r in self.rows])
+        self._set_decode_plan()
         try:
             out = self.model(
                 input_ids=input_ids,

@@ -14,35 +14,56 @@ exact zeros to the sums).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adapters.package import LoraModule
 
-# Above this many stacked rank-rows (distinct adapters x r_cap) the dense masked matmul
-# does more work than gathering each row's own A/B; measured on SmolLM2 (DESIGN.md).
-DENSE_STACK_LIMIT = 128
-
-
 @dataclass
 class LoRABatchPlan:
-    """Per-forward routing, shared by every SlotLoRALinear of the model."""
+    """Per-forward routing, shared by every SlotLoRALinear of the model.
 
-    row_slots: torch.Tensor  # [batch] long; 0 = no adapter
-    active_slots: torch.Tensor  # [n_active] long; distinct non-zero slots in the batch
-    row_mask: torch.Tensor | None  # [batch, n_active] float: 1 where row uses that slot
+    Rows are grouped by adapter (the Punica SGMV idea, padded): group g holds the rows of
+    slot `group_slots[g]`, padded to `rows_per_group` with a repeat of its first row. Each
+    layer then does two batched matmuls over [groups, rows_per_group, ...], reading every
+    active adapter once and computing only each row's own rank: constant op count whatever
+    the number of distinct adapters. Base rows belong to no group; they read the zero
+    entry appended after the groups.
+
+    A decode plan lives as long as the batch's rows and the pool's contents stay the same
+    (the engine drops it when either changes), so each layer stacks its operands once per
+    plan instead of once per step: `operands` holds them, by layer.
+    """
+
+    group_slots: torch.Tensor  # [groups] long: the distinct non-zero slots in the batch
+    gather_rows: torch.Tensor  # [groups * rows_per_group] long: batch row of each grouped entry
+    row_entries: torch.Tensor  # [batch] long: each row's grouped entry (groups*rows_per_group = zero)
+    rows_per_group: int
+    operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def for_rows(cls, slots: list[int], device: torch.device) -> "LoRABatchPlan":
-        row_slots = torch.tensor(slots, dtype=torch.long, device=device)
-        active = sorted({s for s in slots if s})
-        active_slots = torch.tensor(active, dtype=torch.long, device=device)
-        row_mask = None
-        if active:
-            row_mask = (row_slots.unsqueeze(1) == active_slots.unsqueeze(0)).float()
-        return cls(row_slots, active_slots, row_mask)
+    def for_rows(cls, slots: list[int], device: torch.device) -> "LoRABatchPlan | None":
+        """None when every row runs on the base: the layers then skip LoRA entirely."""
+        groups = sorted({s for s in slots if s})
+        if not groups:
+            return None
+        members = {slot: [row for row, s in enumerate(slots) if s == slot] for slot in groups}
+        per_group = max(len(rows) for rows in members.values())
+        zero_entry = len(groups) * per_group
+        gather, entries = [], [zero_entry] * len(slots)
+        for g, slot in enumerate(groups):
+            rows = members[slot]
+            for p in range(per_group):
+                gather.append(rows[p] if p < len(rows) else rows[0])
+                if p < len(rows):
+                    entries[rows[p]] = g * per_group + p
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return cls(as_tensor(groups), as_tensor(gather), as_tensor(entries), per_group)
 
 
 class LoRAContext:
@@ -101,38 +122,25 @@ class SlotLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         plan = self.context.plan
-        if plan is None or self.lora_a is None or plan.row_mask is None:
+        if plan is None or self.lora_a is None:
             return out
-        if plan.row_slots.shape[0] != x.shape[0]:
-            raise RuntimeError(f"LoRA plan has {plan.row_slots.shape[0]} rows, input has {x.shape[0]}")
-        n_active = plan.active_slots.shape[0]
-        compute = x.to(self.lora_a.dtype)
-        if n_active * self.r_cap <= DENSE_STACK_LIMIT:
-            delta = self._dense_delta(compute, plan)
-        else:
-            delta = self._gathered_delta(compute, plan)
-        return out + delta.to(out.dtype)
-
-    def _dense_delta(self, x: torch.Tensor, plan: LoRABatchPlan) -> torch.Tensor:
-        """Few distinct adapters: one matmul through all of them, rows masked to their own."""
-        n_active, r = plan.active_slots.shape[0], self.r_cap
-        a = self.lora_a.index_select(0, plan.active_slots).reshape(n_active * r, self.in_features)  # [n*r, in]
-        b = self.lora_b.index_select(0, plan.active_slots)  # [n, out, r]
-        b = b.permute(0, 2, 1).reshape(n_active * r, self.out_features)  # [n*r, out]
-        # Row mask with each slot's scale, spread over that slot's r columns.
-        weights = plan.row_mask * self.scale.index_select(0, plan.active_slots).to(plan.row_mask.device)
-        weights = weights.repeat_interleave(r, dim=1).to(x.dtype)  # [batch, n*r]
-        hidden = x @ a.T  # [batch, tokens, n*r]
-        hidden = hidden * weights.unsqueeze(1)
-        return hidden @ b  # [batch, tokens, out]
-
-    def _gathered_delta(self, x: torch.Tensor, plan: LoRABatchPlan) -> torch.Tensor:
-        """Many distinct adapters: gather each row's own A/B, two batched matmuls."""
-        a = self.lora_a.index_select(0, plan.row_slots)  # [batch, r, in]
-        b = self.lora_b.index_select(0, plan.row_slots)  # [batch, out, r]
-        scale = self.scale.index_select(0, plan.row_slots).to(x.dtype)  # [batch]
-        hidden = torch.bmm(x, a.transpose(1, 2))  # [batch, tokens, r]
-        return torch.bmm(hidden, b.transpose(1, 2)) * scale.view(-1, 1, 1)
+        if plan.row_entries.shape[0] != x.shape[0]:
+            raise RuntimeError(f"LoRA plan has {plan.row_entries.shape[0]} rows, input has {x.shape[0]}")
+        operands = plan.operands.get(id(self))
+        if operands is None:
+            scale = self.scale.to(self.lora_a.device).index_select(0, plan.group_slots).view(-1, 1, 1)
+            a_t = self.lora_a.index_select(0, plan.group_slots).transpose(1, 2).contiguous()  # [groups, in, r]
+            b_t = (self.lora_b.index_select(0, plan.group_slots) * scale.to(self.lora_b.dtype))
+            operands = plan.operands[id(self)] = (a_t, b_t.transpose(1, 2).contiguous())  # [groups, r, out]
+        a_t, b_t = operands
+        rows, tokens = x.shape[0], x.shape[1]
+        groups = a_t.shape[0]
+        grouped = x.to(a_t.dtype).index_select(0, plan.gather_rows)  # [groups*per_group, tokens, in]
+        grouped = grouped.view(groups, plan.rows_per_group * tokens, self.in_features)
+        delta = torch.bmm(torch.bmm(grouped, a_t), b_t)  # [groups, per_group*tokens, out]
+        delta = delta.view(groups * plan.rows_per_group, tokens, self.out_features)
+        delta = F.pad(delta, (0, 0, 0, 0, 0, 1))  # + the zero entry base rows read
+        return out + delta.index_select(0, plan.row_entries).to(out.dtype)  # [rows, tokens, out]
 
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)

@@ -58,7 +58,8 @@ def test_mixed_concurrent_batch_returns_each_requests_own_output(llama_server, t
 
 
 def test_engine_batches_base_and_two_adapters_in_one_step(llama_server, tiny_llama, llama_adapters):
-    """Drive the engine directly so the three requests provably share every forward."""
+    """Drive the engine directly so the three requests provably share every forward
+    (grouped LoRA kernel with a base row reading the zero entry, operands reused across steps)."""
     import asyncio
 
     from server.contract import GenerationRequest, SamplingParams
