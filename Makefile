@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install serve test test-all examples bench clean
 
@@ -31,6 +32,14 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Regenerates the example datasets and retrains the shipped example adapters (~15 min on 2 cores).
+examples: $(STAMP)
+	$(BIN)/python examples/make_examples.py --train
+
+# The benchmark against a naive PEFT server (quick: ~5 min); see README "Performance".
+bench: $(STAMP)
+	$(BIN)/adaptserve bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
