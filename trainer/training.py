@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +143,7 @@ def _train_one_seed(
     config: TrainConfig, base: ResolvedBase, data: PreparedData, seed: int, evaluate_base: bool
 ) -> tuple[SeedRun, dict[str, Any] | None]:
     set_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory()
     started = time.perf_counter()
     tokenizer = load_tokenizer(base)
     model = load_base_model(base, config.task, tokenizer, data.labels, config.quantize)
@@ -245,8 +245,26 @@ def _copy_weights(source: Path, destination: Path) -> None:
             shutil.copy2(source / name, destination / name)
 
 
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    # Linux: writing 5 resets VmHWM, so each seed/method in one process gets its own peak.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):  # peak resident set since the last reset, in kB
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # No /proc (macOS): the process's lifetime peak, which ru_maxrss reports in bytes there.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
