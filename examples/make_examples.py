@@ -131,13 +131,13 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def make_datasets() -> None:
+def make_datasets(data_dir: Path = DATA_DIR) -> None:
     for name, make, train_count, test_count in (("date-iso", date_rows, 600, 100), ("ticket-routing", ticket_rows, 400, 120)):
         rng, seen = random.Random(f"adaptserve-{name}"), set()
-        write_jsonl(DATA_DIR / name / "train.jsonl", make(train_count, rng, seen))
+        write_jsonl(data_dir / name / "train.jsonl", make(train_count, rng, seen))
         # `seen` is shared, so no test row repeats a training row.
-        write_jsonl(DATA_DIR / name / "test.jsonl", make(test_count, rng, seen))
-        print(f"wrote {DATA_DIR / name} ({train_count} train, {test_count} test)")
+        write_jsonl(data_dir / name / "test.jsonl", make(test_count, rng, seen))
+        print(f"wrote {data_dir / name} ({train_count} train, {test_count} test)")
 
 
 def train_examples(names: list[str]) -> None:
