@@ -35,7 +35,9 @@ def _browser_missing() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: playwright's sync API keeps an event loop running in the main
+# thread while it is open, which would break asyncio.run() in every test collected after these.
+@pytest.fixture(scope="package")
 def browser():
     missing = _browser_missing()
     if missing:
@@ -50,7 +52,7 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console_server(browser, tiny_llama, llama_adapters, tmp_path_factory):
     """A server on the tiny Llama with an admin token and gen-a, gen-b and sentiment stored."""
     store = tmp_path_factory.mktemp("console-store")
