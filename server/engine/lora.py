@@ -14,13 +14,17 @@ exact zeros to the sums).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapters.package import LoraModule
+
+# Slot sets whose stacked operands a layer keeps: the running batch's, and those of the
+# prefills joining it (a new set appears only when the batch's adapter mix changes).
+STACKED_CACHE_ENTRIES = 2
 
 @dataclass
 class LoRABatchPlan:
@@ -33,16 +37,16 @@ class LoRABatchPlan:
     the number of distinct adapters. Base rows belong to no group; they read the zero
     entry appended after the groups.
 
-    A decode plan lives as long as the batch's rows and the pool's contents stay the same
-    (the engine drops it when either changes), so each layer stacks its operands once per
-    plan instead of once per step: `operands` holds them, by layer.
+    The stacked per-group operands depend only on which slots are in the batch, so each
+    layer caches them by `group_key` (see SlotLoRALinear.stacked_operands): decode steps and
+    the prefills between them reuse one copy instead of restacking every forward.
     """
 
     group_slots: torch.Tensor  # [groups] long: the distinct non-zero slots in the batch
     gather_rows: torch.Tensor  # [groups * rows_per_group] long: batch row of each grouped entry
     row_entries: torch.Tensor  # [batch] long: each row's grouped entry (groups*rows_per_group = zero)
     rows_per_group: int
-    operands: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    group_key: tuple[int, ...]
 
     @classmethod
     def for_rows(cls, slots: list[int], device: torch.device) -> "LoRABatchPlan | None":
@@ -63,7 +67,7 @@ class LoRABatchPlan:
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        return cls(as_tensor(groups), as_tensor(gather), as_tensor(entries), per_group)
+        return cls(as_tensor(groups), as_tensor(gather), as_tensor(entries), per_group, tuple(groups))
 
 
 class LoRAContext:
@@ -86,6 +90,8 @@ class SlotLoRALinear(nn.Module):
         self.lora_b: torch.Tensor | None = None  # [slots, out, r_cap]
         self.scale = torch.zeros(self.slots)  # [slots]
         self.loaded = torch.zeros(self.slots, dtype=torch.bool)
+        # Stacked operands by slot set (oldest first): the decode batch's and a prefill's.
+        self.stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grow(self, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """Reallocate with room for `rank`, keeping loaded slots (rare: a larger rank arrives)."""
@@ -96,6 +102,7 @@ class SlotLoRALinear(nn.Module):
             new_a[:, : self.r_cap] = self.lora_a
             new_b[:, :, : self.r_cap] = self.lora_b
         self.lora_a, self.lora_b, self.r_cap = new_a, new_b, new_cap
+        self.stacked.clear()
         self.scale = self.scale.to(device)
 
     # Inference mode, not no_grad: the engine steps in inference mode, so a pool grown during
@@ -110,6 +117,7 @@ class SlotLoRALinear(nn.Module):
         self.lora_b[slot, :, : weights.rank] = weights.b.to(device=device, dtype=dtype)
         self.scale[slot] = weights.scale
         self.loaded[slot] = True
+        self.stacked.clear()  # any cached stack may hold this slot's old weights
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
@@ -118,6 +126,20 @@ class SlotLoRALinear(nn.Module):
             self.lora_b[slot].zero_()
         self.scale[slot] = 0.0
         self.loaded[slot] = False
+        self.stacked.clear()
+
+    def stacked_operands(self, plan: LoRABatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """A [groups, in, r] and scaled B [groups, r, out] of the plan's slots, cached by slot set."""
+        operands = self.stacked.get(plan.group_key)
+        if operands is None:
+            scale = self.scale.to(self.lora_a.device).index_select(0, plan.group_slots).view(-1, 1, 1)
+            a_t = self.lora_a.index_select(0, plan.group_slots).transpose(1, 2).contiguous()
+            b_t = (self.lora_b.index_select(0, plan.group_slots) * scale.to(self.lora_b.dtype)).transpose(1, 2)
+            operands = (a_t, b_t.contiguous())
+            if len(self.stacked) >= STACKED_CACHE_ENTRIES:
+                self.stacked.pop(next(iter(self.stacked)))  # oldest first
+            self.stacked[plan.group_key] = operands
+        return operands
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -126,12 +148,7 @@ class SlotLoRALinear(nn.Module):
             return out
         if plan.row_entries.shape[0] != x.shape[0]:
             raise RuntimeError(f"LoRA plan has {plan.row_entries.shape[0]} rows, input has {x.shape[0]}")
-        operands = plan.operands.get(id(self))
-        if operands is None:
-            scale = self.scale.to(self.lora_a.device).index_select(0, plan.group_slots).view(-1, 1, 1)
-            a_t = self.lora_a.index_select(0, plan.group_slots).transpose(1, 2).contiguous()  # [groups, in, r]
-            b_t = (self.lora_b.index_select(0, plan.group_slots) * scale.to(self.lora_b.dtype))
-            operands = plan.operands[id(self)] = (a_t, b_t.transpose(1, 2).contiguous())  # [groups, r, out]
+        operands = self.stacked_operands(plan)
         a_t, b_t = operands
         rows, tokens = x.shape[0], x.shape[1]
         groups = a_t.shape[0]
