@@ -152,7 +152,8 @@ def test_a_server_that_needs_an_api_key_gets_the_one_typed_into_the_page(
         page.context.route("**/*", lambda route: route.continue_()
                            if route.request.url.startswith(server.url + "/") else route.abort())
         page.goto(server.url + "/ui/#playground")
-        assert "needs an API key" in page.inner_text("#adapters-note")
+        # The note is written once the page's first (refused) listing comes back.
+        page.wait_for_function("document.querySelector('#adapters-note').innerText.includes('needs an API key')")
         page.fill("#api-key", "k-123")
         page.click("#tokens button[type=submit]")
         page.wait_for_selector("#pick-1 option[value='gen-a']", state="attached")
