@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapters.package import LoraModule
@@ -34,8 +33,8 @@ class LoRABatchPlan:
     slot `group_slots[g]`, padded to `rows_per_group` with a repeat of its first row. Each
     layer then does two batched matmuls over [groups, rows_per_group, ...], reading every
     active adapter once and computing only each row's own rank: constant op count whatever
-    the number of distinct adapters. Base rows belong to no group; they read the zero
-    entry appended after the groups.
+    the number of distinct adapters. Base rows belong to no group and get no delta; each
+    real (non-padding) entry is added into its own row of the base output.
 
     The stacked per-group operands depend only on which slots are in the batch, so each
     layer caches them by `group_key` (see SlotLoRALinear.stacked_operands): decode steps and
@@ -44,7 +43,9 @@ class LoRABatchPlan:
 
     group_slots: torch.Tensor  # [groups] long: the distinct non-zero slots in the batch
     gather_rows: torch.Tensor  # [groups * rows_per_group] long: batch row of each grouped entry
-    row_entries: torch.Tensor  # [batch] long: each row's grouped entry (groups*rows_per_group = zero)
+    real_entries: torch.Tensor | None  # [adapter rows] long: grouped entries that are not padding (None: all are)
+    entry_rows: torch.Tensor  # [adapter rows] long: the batch row each real entry adds its delta to
+    rows: int
     rows_per_group: int
     group_key: tuple[int, ...]
 
@@ -56,18 +57,21 @@ class LoRABatchPlan:
             return None
         members = {slot: [row for row, s in enumerate(slots) if s == slot] for slot in groups}
         per_group = max(len(rows) for rows in members.values())
-        zero_entry = len(groups) * per_group
-        gather, entries = [], [zero_entry] * len(slots)
+        gather, real_entries, entry_rows = [], [], []
         for g, slot in enumerate(groups):
             rows = members[slot]
             for p in range(per_group):
                 gather.append(rows[p] if p < len(rows) else rows[0])
                 if p < len(rows):
-                    entries[rows[p]] = g * per_group + p
+                    real_entries.append(g * per_group + p)
+                    entry_rows.append(rows[p])
+        padded = len(real_entries) < len(gather)
+
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        return cls(as_tensor(groups), as_tensor(gather), as_tensor(entries), per_group, tuple(groups))
+        return cls(as_tensor(groups), as_tensor(gather), as_tensor(real_entries) if padded else None,
+                   as_tensor(entry_rows), len(slots), per_group, tuple(groups))
 
 
 class LoRAContext:
@@ -146,18 +150,20 @@ class SlotLoRALinear(nn.Module):
         plan = self.context.plan
         if plan is None or self.lora_a is None:
             return out
-        if plan.row_entries.shape[0] != x.shape[0]:
-            raise RuntimeError(f"LoRA plan has {plan.row_entries.shape[0]} rows, input has {x.shape[0]}")
+        if plan.rows != x.shape[0]:
+            raise RuntimeError(f"LoRA plan has {plan.rows} rows, input has {x.shape[0]}")
         operands = self.stacked_operands(plan)
         a_t, b_t = operands
-        rows, tokens = x.shape[0], x.shape[1]
+        tokens = x.shape[1]
         groups = a_t.shape[0]
         grouped = x.to(a_t.dtype).index_select(0, plan.gather_rows)  # [groups*per_group, tokens, in]
         grouped = grouped.view(groups, plan.rows_per_group * tokens, self.in_features)
         delta = torch.bmm(torch.bmm(grouped, a_t), b_t)  # [groups, per_group*tokens, out]
         delta = delta.view(groups * plan.rows_per_group, tokens, self.out_features)
-        delta = F.pad(delta, (0, 0, 0, 0, 0, 1))  # + the zero entry base rows read
-        return out + delta.index_select(0, plan.row_entries).to(out.dtype)  # [rows, tokens, out]
+        if plan.real_entries is not None:
+            delta = delta.index_select(0, plan.real_entries)  # drop the padding entries
+        # In place: `out` is this forward's own fresh tensor (inference only, no autograd).
+        return out.index_add_(0, plan.entry_rows, delta.to(out.dtype))  # [rows, tokens, out]
 
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,)
