@@ -7,7 +7,7 @@ one, a fake in tests) implements `Engine` and nothing else changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
@@ -90,7 +90,6 @@ class EngineInfo:
     quantization: str
     max_device_adapters: int
     has_chat_template: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Engine(Protocol):

@@ -242,9 +242,14 @@ class InferenceService:
             if target.binding.package.manifest.task != "classify":
                 raise AdapterTaskMismatch(f"{target.label} is a generate adapter; use /v1/generate", param="adapter")
         limit = min(self.settings.max_prompt_tokens, self.info.max_context)
+        # A cheap character bound first, so a huge text is refused before it is tokenized;
+        # then one worker-thread hop counts every text.
         for index, text in enumerate(texts):
-            # A cheap character bound first, so a huge text is refused before it is tokenized.
-            if len(text) > limit * 16 or await asyncio.to_thread(self.engine.count_tokens, text) > limit:
+            if len(text) > limit * 16:
+                raise LimitExceeded(f"inputs[{index}] is longer than {limit} tokens", param=f"inputs.{index}")
+        counts = await asyncio.to_thread(lambda: [self.engine.count_tokens(text) for text in texts])
+        for index, count in enumerate(counts):
+            if count > limit:
                 raise LimitExceeded(f"inputs[{index}] is longer than {limit} tokens", param=f"inputs.{index}")
         self.scheduler.check_capacity()
         items = [ClassifyItem(text, target.binding) for target in targets for text in texts]

@@ -14,7 +14,6 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from server.contract import ClassifyItem, ClassifyResult, Engine, GenerationRequest, TokenEvent
@@ -23,18 +22,10 @@ from server.errors import QueueFull
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Call:
-    fn: Callable[[], Any]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-
-
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, on_step: Callable[[Engine, list[TokenEvent]], None] | None = None):
+    def __init__(self, engine: Engine, max_queue: int):
         self.engine = engine
         self.max_in_flight = max_queue
-        self.on_step = on_step
         self._inbox: list[Callable[[], None]] = []
         self._wake = threading.Condition()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -78,8 +69,6 @@ class Scheduler:
                     logger.exception("engine step failed; failing the requests in it")
                     events = self.engine.abort_all(f"engine error: {type(exc).__name__}")
                 self._dispatch(events)
-                if self.on_step is not None:
-                    self.on_step(self.engine, events)
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for event in events:

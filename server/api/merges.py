@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from adapters.merge import MergeError, MergeSource, MergeSpec, merge_adapters, write_peft_dir
 from server.api.adapters import _version_out
