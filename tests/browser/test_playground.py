@@ -153,7 +153,8 @@ def test_a_server_that_needs_an_api_key_gets_the_one_typed_into_the_page(
                            if route.request.url.startswith(server.url + "/") else route.abort())
         page.goto(server.url + "/ui/#playground")
         # The note is written once the page's first (refused) listing comes back.
-        page.wait_for_function("document.querySelector('#adapters-note').innerText.includes('needs an API key')")
+        # (A locator wait, not wait_for_function: the page's CSP forbids evaluating strings.)
+        page.locator("#adapters-note", has_text="needs an API key").wait_for(state="attached")
         page.fill("#api-key", "k-123")
         page.click("#tokens button[type=submit]")
         page.wait_for_selector("#pick-1 option[value='gen-a']", state="attached")
