@@ -22,6 +22,7 @@ from transformers import (
 from adapters.bases import resolve_base
 from adapters.signature import BaseSignature
 from server.engine.lora import LINEAR_TYPES, linear_features
+from server.engine.onednn import can_pack, pack_linears
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def load_base(
     max_context = int(
         getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
     )
+    if can_pack(torch_device, torch_dtype, quantization):
+        pack_linears(model)
     logger.info(
         "base %s loaded: %s, %s, quantization=%s, %d adaptable linear layers",
         resolved.canonical_id, torch_device, torch_dtype, quantization, len(shapes),

@@ -1,11 +1,13 @@
 """TorchEngine: one resident base, a slot pool of LoRA adapters, iteration-level batching.
 
-Requests join the running batch at step boundaries: a step first decodes one token for
-every running row, then prefills the requests admitted under the per-step token budget
-and merges their KV cache into the running one (both left-padded, so every row's newest
-token sits in the last column). Finished, cancelled or expired rows leave at the next
-step and their cache rows are dropped. Every row carries its adapter slot; the LoRA
-layers read the per-forward plan, so one forward serves any mix of adapters and the base.
+Requests join the running batch at step boundaries. A step is ONE forward over a packed
+row of tokens: a decode token for every running row, then the whole prompts of the
+requests admitted under the per-step token budget (see server/engine/kv.py for the cache
+and the attention that keeps them apart). Reading the weights once per step whether or
+not prompts join is what makes prefill cheap next to decoding on a memory-bound CPU.
+Finished, cancelled or expired rows leave at the next step. Every token carries its row's
+adapter slot; the LoRA layers read the per-forward plan, so one forward serves any mix of
+adapters and the base.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from adapters.package import AdapterPackage
 from server.contract import (
@@ -31,7 +31,8 @@ from server.contract import (
     GenerationRequest,
     TokenEvent,
 )
-from server.engine.base import LoadedBase
+from server.engine.base import BaseModelError, LoadedBase
+from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora
 from server.engine.sampling import Detokenizer, choose_tokens, finish_reason_for
 
@@ -86,15 +87,21 @@ class TorchEngine:
         self.context = LoRAContext()
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = SlotTable(max_device_adapters)
+        self.slot_ranks: dict[int, int] = {}  # slot -> its adapter's largest rank (LoRA rank buckets)
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.attention: torch.Tensor | None = None  # [rows, kv_len] 1 = real token
+        self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
+        self.kv = SlabKVCache(max_batch_size, self.device)
+        if base.signature.kind == "decoder" and not attach(self.model, self.kv):
+            raise BaseModelError(
+                f"{base.signature.canonical_id}: its attention does not go through transformers' "
+                "AttentionInterface, which adaptserve's batched engine needs for generation"
+            )
+        self._passthrough_mask = PASSTHROUGH_MASK.to(self.device)
         self.cancelled: dict[str, FinishReason] = {}
         self._stats: dict[str, Any] = {}
         self.enqueued_at: dict[str, float] = {}  # request id -> time.monotonic() of add()
-        # Valid while the rows' slots are unchanged and no slot is (re)loaded: see _set_decode_plan.
+        # Valid while the rows' slots are unchanged and no slot is (re)loaded: see _lora_plan.
         self._decode_plan: LoRABatchPlan | None = None
         self._decode_plan_slots: list[int] = []
         # Fast tokenizers refuse concurrent calls that change padding/truncation state.
@@ -160,6 +167,7 @@ class TorchEngine:
             self.slots.free.append(slot)
             raise
         self.slots.by_key[adapter.key] = slot
+        self.slot_ranks[slot] = max((m.rank for m in package.modules.values()), default=0)
         self._decode_plan = None  # pool contents changed: cached operands may be stale
         self._update_stats()
         logger.debug("adapter %s@%s loaded into slot %d", adapter.name, adapter.version, slot)
@@ -172,6 +180,7 @@ class TorchEngine:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         del self.slots.by_key[key]
+        self.slot_ranks.pop(slot, None)
         self.heads.pop(key, None)
         self.slots.free.append(slot)
         self._decode_plan = None
@@ -212,7 +221,7 @@ class TorchEngine:
         self._stats = {
             "running": len(self.rows),
             "waiting": len(self.waiting),
-            "kv_tokens": int(self.attention.sum()) if self.attention is not None else 0,
+            "kv_tokens": self.kv.tokens(),
             "kv_capacity_tokens": self.max_batch_size * self.base.max_context,
             "running_adapters": sorted({r.request.adapter.name for r in self.rows if r.request.adapter}),
             "waiting_adapters": sorted({r.adapter.name for r in self.waiting if r.adapter}),
@@ -224,11 +233,9 @@ class TorchEngine:
         events: list[TokenEvent] = []
         self._drop_cancelled_waiting(events)
         self._retire(events, self._expired_or_cancelled_rows())
-        if self.rows:
-            self._decode(events)
         admitted = self._admit(events)
-        if admitted:
-            self._prefill(admitted, events)
+        if self.rows or admitted:
+            self._forward(admitted, events)
         self._update_stats()
         return events
 
@@ -238,7 +245,8 @@ class TorchEngine:
             if row.request.adapter is not None:
                 self.slots.users[row.request.adapter.key] -= 1
         self.waiting.clear()
-        self.rows, self.cache, self.attention = [], None, None
+        self.rows = []
+        self.kv.reset()
         self.cancelled.clear()
         self.enqueued_at.clear()
         self._update_stats()
@@ -307,68 +315,65 @@ class TorchEngine:
         return admitted
 
     def _set_plan(self, slots: list[int]) -> None:
-        self.context.plan = LoRABatchPlan.for_rows(slots, self.device)
+        self.context.plan = LoRABatchPlan.for_rows(slots, self.device, self.slot_ranks)
 
-    def _set_decode_plan(self) -> None:
-        """Reuse the last decode plan (and the operands cached in it) while rows and slots stay put."""
+    def _lora_plan(self, admitted: list[_Row]) -> LoRABatchPlan | None:
+        """Decode tokens and prompt tokens as separate segments (a prompt never pads a decode
+        group). A decode-only plan is reused while the rows' slots stay put."""
         slots = [r.slot for r in self.rows]
-        if self._decode_plan is None or self._decode_plan_slots != slots:
-            self._decode_plan = LoRABatchPlan.for_rows(slots, self.device)
-            self._decode_plan_slots = slots
-        self.context.plan = self._decode_plan
+        if not admitted:
+            if self._decode_plan is None or self._decode_plan_slots != slots:
+                self._decode_plan = LoRABatchPlan.for_rows(slots, self.device, self.slot_ranks)
+                self._decode_plan_slots = slots
+            return self._decode_plan
+        prompt_tokens, unit = [], len(slots)
+        for row in admitted:
+            length = len(row.request.prompt_ids)
+            prompt_tokens.extend((u, row.slot) for u in range(unit, unit + length))
+            unit += length
+        return LoRABatchPlan.for_segments(unit, [list(enumerate(slots)), prompt_tokens], self.device,
+                                          self.slot_ranks)
 
-    def _prefill(self, rows: list[_Row], events: list[TokenEvent]) -> None:
-        length = max(len(r.request.prompt_ids) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids = row.request.prompt_ids
-            input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[i, length - len(ids) :] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [rows, length]
-        cache = DynamicCache(config=self.model.config)
-        self._set_plan([r.slot for r in rows])
+    def _long_tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _forward(self, admitted: list[_Row], events: list[TokenEvent]) -> None:
+        """One packed forward: every running row's next token and every admitted prompt."""
+        running = len(self.rows)
+        token_ids = [r.pending for r in self.rows]
+        positions = [len(r.request.prompt_ids) + len(r.generated) - 1 for r in self.rows]
+        logit_at = list(range(running))
+        for row in admitted:
+            prompt = row.request.prompt_ids
+            token_ids.extend(prompt)
+            positions.extend(range(len(prompt)))
+            logit_at.append(len(token_ids) - 1)
+        self.kv.plan_step(running, [len(r.request.prompt_ids) for r in admitted], self.base.dtype)
+        self.context.plan = self._lora_plan(admitted)
         try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            logits = self.model(
+                input_ids=self._long_tensor(token_ids)[None],  # [1, tokens]
+                position_ids=self._long_tensor(positions)[None],
+                attention_mask=self._passthrough_mask,
+                use_cache=False,
+                logits_to_keep=self._long_tensor(logit_at),
+            ).logits[0]  # [running + admitted, vocab]
+        except BaseException:
+            self.kv.abandon_step()
+            for row in admitted:  # the caller fails every request of this step
+                self.rows.append(row)
+            raise
         finally:
             self.context.plan = None
-        self._merge_cache(out.cache, mask)
-        self.rows.extend(rows)
-        self._sample(rows, out.logits[:, -1, :], events, first=True)
+        self.kv.finish_step(len(admitted))
+        self.rows.extend(admitted)
+        self._sample(list(self.rows), logits, events)
 
-    def _decode(self, events: list[TokenEvent]) -> None:
-        input_ids = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)
-        ones = torch.ones((len(self.rows), 1), dtype=torch.long, device=self.device)
-        attention = torch.cat([self.attention, ones], dim=1)  # [rows, kv_len + 1]
-        position_ids = attention.sum(-1, keepdim=True) - 1  # [rows, 1]
-        self._set_decode_plan()
-        try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention,
-                position_ids=position_ids,
-                cache=self.cache,
-                use_cache=True,
-            )
-        finally:
-            self.context.plan = None
-        self.attention = attention
-        self.cache = out.cache
-        self._sample(list(self.rows), out.logits[:, -1, :], events, first=False)
-
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, events: list[TokenEvent], first: bool) -> None:
+    def _sample(self, rows: list[_Row], logits: torch.Tensor, events: list[TokenEvent]) -> None:
         tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         finished: dict[int, FinishReason] = {}
-        for row, token in zip(rows, tokens):
+        for index, (row, token) in enumerate(zip(rows, tokens)):
+            first = not row.generated
             row.generated.append(token)
             prompt_tokens = len(row.request.prompt_ids)
             reason = finish_reason_for(
@@ -381,7 +386,7 @@ class TorchEngine:
                 reason = "stop"
             if reason is not None:
                 text += row.detokenizer.flush()
-                finished[self.rows.index(row)] = reason
+                finished[index] = reason
             events.append(
                 TokenEvent(row.request.request_id, text, (token,), reason, prompt_tokens, len(row.generated),
                            queue_s=row.queue_s if first else None)
@@ -406,36 +411,10 @@ class TorchEngine:
             adapter = self.rows[index].request.adapter
             if adapter is not None:
                 self.slots.users[adapter.key] -= 1
-        keep = [i for i in range(len(self.rows)) if i not in indices]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache, self.attention = None, None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.attention = self.attention.index_select(0, index)
-        # Columns that are padding for every remaining row only cost attention time.
-        first_real = int(self.attention.argmax(dim=1).min())
-        if first_real > 0:
-            self.attention = self.attention[:, first_real:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[..., first_real:, :]
-                layer.values = layer.values[..., first_real:, :]
-
-    def _merge_cache(self, new_cache: DynamicCache, new_mask: torch.Tensor) -> None:
-        if self.cache is None:
-            self.cache, self.attention = new_cache, new_mask
-            return
-        old_len, new_len = self.attention.shape[1], new_mask.shape[1]
-        total = max(old_len, new_len)
-        for old_layer, new_layer in zip(self.cache.layers, new_cache.layers):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, total), _left_pad(new_layer.keys, total)], dim=0)
-            old_layer.values = torch.cat(
-                [_left_pad(old_layer.values, total), _left_pad(new_layer.values, total)], dim=0
-            )
-        self.attention = torch.cat(
-            [F.pad(self.attention, (total - old_len, 0)), F.pad(new_mask, (total - new_len, 0))], dim=0
-        )
+        # The cache fills each hole with one of the last rows; the row list follows it.
+        for source, target in self.kv.remove_rows(set(indices)):
+            self.rows[target] = self.rows[source]
+        del self.rows[self.kv.rows :]
 
     # --- classification -----------------------------------------------------------------
 
@@ -486,8 +465,3 @@ class TorchEngine:
                 )
             )
         return results
-
-
-def _left_pad(states: torch.Tensor, total: int) -> torch.Tensor:
-    """[rows, heads, seq, dim] -> [rows, heads, total, dim], zeros on the left."""
-    return F.pad(states, (0, 0, total - states.shape[-2], 0))

@@ -1,0 +1,269 @@
+"""A preallocated KV cache for packed engine steps, and the attention function that reads it.
+
+Each engine step runs ONE forward over a packed row of tokens: one decode token for every
+running sequence, then the whole prompt of every sequence joining this step. Linear
+layers (and their LoRA deltas) see all of them as one [1, tokens, hidden] batch, so a step
+reads the weights once however many prompts join it; only attention needs to know which
+token belongs to which sequence, and that is what this module provides through
+transformers' AttentionInterface.
+
+The cache is a slab per layer, K and V: [rows, kv_heads, columns, head_dim], allocated once
+and grown by doubling. Running sequences are rows 0..n-1, right-aligned so that every
+row's newest token sits in column `end - 1`: a decode step writes every row's new K/V into
+the one column `end`, and a joining prompt of length L fills columns [end + 1 - L, end + 1)
+of a fresh row. Nothing is concatenated per step; a leaving row is replaced by the last
+row (a copy of one row's used columns), and the used window moves only when it would run
+off either edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTENTION_NAME = "adaptserve_packed"
+# Handed to the model as its attention mask: a 4D mask is passed through to the attention
+# function untouched, so transformers builds no [tokens, tokens] mask that would be ignored.
+PASSTHROUGH_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+class UnsupportedAttention(RuntimeError):
+    """The architecture asks attention for something the packed path does not compute."""
+
+
+@dataclass(frozen=True)
+class Prefill:
+    row: int
+    offset: int  # first token of this prompt in the packed step
+    length: int
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """Where this step's tokens go: packed tokens [0, decode_rows) are rows 0..n-1's decode
+    tokens, written to `column`; each prefill's tokens follow, right-aligned to `column`."""
+
+    decode_rows: int
+    column: int
+    start: int  # first column any decode row attends to
+    decode_mask: torch.Tensor | None  # [decode_rows, 1, 1, column + 1 - start] additive float
+    prefills: tuple[Prefill, ...]
+
+
+class SlabKVCache:
+    def __init__(self, max_rows: int, device: torch.device, initial_columns: int = 128):
+        self.max_rows = max_rows
+        self.device = device
+        self.columns = initial_columns
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [max_rows, kv_heads, columns, head_dim]
+        self.values: dict[int, torch.Tensor] = {}
+        self.valid = torch.zeros(max_rows, initial_columns, dtype=torch.bool, device=device)  # real tokens
+        self.rows = 0
+        self.end = 0  # used columns are [start, end); every row's newest token is in end - 1
+        self.start = 0
+        self.layout: StepLayout | None = None  # set for the length of one packed forward
+
+    # --- the engine's side -------------------------------------------------------------
+
+    def plan_step(self, decode_rows: int, prompt_lengths: list[int], dtype: torch.dtype) -> StepLayout:
+        """Make room for this step (moving or growing the slab if needed) and describe it."""
+        if decode_rows != self.rows:
+            raise RuntimeError(f"cache holds {self.rows} rows, step decodes {decode_rows}")
+        if self.rows + len(prompt_lengths) > self.max_rows:
+            raise RuntimeError("more rows than the cache was built for")
+        longest = max(prompt_lengths, default=0)
+        if not self.rows:
+            self.start = self.end = max(longest - 1, 0)
+        column = max(self.end, longest - 1)  # where the decode tokens go
+        shift = column - self.end  # a longer prompt than any row: running rows move right
+        low = min(self.start + shift, column + 1 - longest) if self.rows else column + 1 - longest
+        if column + 1 - low > self.columns:
+            self._grow(max(column + 1 - low, 2 * self.columns))
+        if column + 1 > self.columns:  # at the right edge: the window moves back to column 0
+            shift -= low
+            column -= low
+        if shift and self.rows:
+            self._shift(shift)
+        self.end = column
+        self.valid[:decode_rows, column] = True
+        prefills = []
+        offset = decode_rows
+        for i, length in enumerate(prompt_lengths):
+            row = decode_rows + i
+            self.valid[row] = False
+            self.valid[row, column + 1 - length : column + 1] = True
+            prefills.append(Prefill(row, offset, length))
+            offset += length
+        decode_mask = None
+        if decode_rows:
+            visible = self.valid[:decode_rows, self.start : column + 1]
+            decode_mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
+            decode_mask = decode_mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        self.layout = StepLayout(decode_rows, column, self.start, decode_mask, tuple(prefills))
+        return self.layout
+
+    def finish_step(self, new_rows: int) -> None:
+        """The forward ran: the step's column is used, the joined rows are running."""
+        layout = self.layout
+        self.layout = None
+        if layout is None:
+            return
+        self.rows += new_rows
+        self.end = layout.column + 1
+        if layout.prefills:
+            starts = [layout.column + 1 - p.length for p in layout.prefills]
+            self.start = min(starts + ([self.start] if layout.decode_rows else []))
+
+    def abandon_step(self) -> None:
+        """The forward failed: the step's writes are ignored (its column and rows stay unused)."""
+        if self.layout is not None:
+            self.valid[self.rows :] = False
+            self.valid[: self.rows, self.layout.column] = False
+        self.layout = None
+
+    def remove_rows(self, leaving: set[int]) -> list[tuple[int, int]]:
+        """Drop rows; the last kept rows move into the holes. Returns the (from, to) moves."""
+        kept = self.rows - len(leaving)
+        holes = sorted(i for i in leaving if i < kept)
+        movers = [i for i in range(kept, self.rows) if i not in leaving]
+        if holes:
+            src = torch.tensor(movers, dtype=torch.long, device=self.device)
+            dst = torch.tensor(holes, dtype=torch.long, device=self.device)
+            used = slice(self.start, self.end)
+            for slab in (*self.keys.values(), *self.values.values()):
+                slab[dst, :, used] = slab[src, :, used]
+            self.valid[dst] = self.valid[src]
+        self.valid[kept : self.rows] = False
+        self.rows = kept
+        if not kept:
+            self.start = self.end = 0
+        else:
+            # Columns every remaining row leaves empty cost attention time for nothing.
+            self.start = int(self.valid[:kept, : self.end].int().argmax(dim=1).min())
+        return list(zip(movers, holes))
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.rows = self.start = self.end = 0
+        self.layout = None
+
+    def tokens(self) -> int:
+        return int(self.valid[: self.rows].sum())
+
+    def _grow(self, columns: int) -> None:
+        valid = torch.zeros(self.max_rows, columns, dtype=torch.bool, device=self.device)
+        valid[:, : self.columns] = self.valid
+        self.valid = valid
+        for slabs in (self.keys, self.values):
+            for layer, slab in slabs.items():
+                grown = slab.new_zeros(slab.shape[0], slab.shape[1], columns, slab.shape[3])
+                grown[:, :, : self.columns] = slab
+                slabs[layer] = grown
+        self.columns = columns
+
+    def _shift(self, delta: int) -> None:
+        """Move the used columns [start, end) of the running rows by delta."""
+        if delta == 0:
+            return
+        rows, old, new = slice(0, self.rows), slice(self.start, self.end), slice(self.start + delta, self.end + delta)
+        for slab in (*self.keys.values(), *self.values.values()):
+            slab[rows, :, new] = slab[rows, :, old].clone()
+        valid = self.valid[rows, old].clone()
+        self.valid[rows] = False
+        self.valid[rows, new] = valid
+        self.start += delta
+        self.end += delta
+
+    # --- the attention side ------------------------------------------------------------
+
+    def _slabs(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.keys:
+            shape = (self.max_rows, like.shape[1], self.columns, like.shape[3])
+            self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.keys[layer], self.values[layer]
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim] -> [1, tokens, heads, dim]."""
+        layout = self.layout
+        keys, values = self._slabs(layer, key)
+        n, column = layout.decode_rows, layout.column
+        outputs = []
+        if n:
+            keys[:n, :, column] = key[0, :, :n].transpose(0, 1)  # [n, kv_heads, dim]
+            values[:n, :, column] = value[0, :, :n].transpose(0, 1)
+            start = layout.start
+            mask = layout.decode_mask
+            if sliding_window is not None and column + 1 - start > sliding_window:
+                start = column + 1 - sliding_window
+                mask = mask[..., start - layout.start :]
+            decoded = F.scaled_dot_product_attention(
+                query[0, :, :n].unsqueeze(2).transpose(0, 1),  # [n, heads, 1, dim]
+                keys[:n, :, start : column + 1],
+                values[:n, :, start : column + 1],
+                attn_mask=mask,
+                scale=scaling,
+                enable_gqa=True,
+            )
+            outputs.append(decoded[:, :, 0].transpose(0, 1))  # [heads, n, dim]
+        for prefill in layout.prefills:
+            tokens = slice(prefill.offset, prefill.offset + prefill.length)
+            columns = slice(column + 1 - prefill.length, column + 1)
+            keys[prefill.row, :, columns] = key[0, :, tokens]
+            values[prefill.row, :, columns] = value[0, :, tokens]
+            mask = None
+            if sliding_window is not None and prefill.length > sliding_window:
+                positions = torch.arange(prefill.length, device=query.device)
+                distance = positions[:, None] - positions[None, :]
+                mask = (distance >= 0) & (distance < sliding_window)
+            prompt = F.scaled_dot_product_attention(
+                query[:, :, tokens], key[:, :, tokens], value[:, :, tokens],
+                attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True,
+            )
+            outputs.append(prompt[0])  # [heads, length, dim]
+        return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0)  # [1, tokens, heads, dim]
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The AttentionInterface entry: packed steps read the engine's slab, anything else
+    (classification, a plain model call) is ordinary SDPA attention."""
+    cache: SlabKVCache | None = getattr(module, "adaptserve_kv", None)
+    if cache is None or cache.layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    for feature in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(feature) is not None:
+            raise UnsupportedAttention(f"attention with {feature} is not supported by adaptserve's engine")
+    return cache.attend(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window")), None
+
+
+AttentionInterface.register(ATTENTION_NAME, packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+def attach(model: torch.nn.Module, cache: SlabKVCache) -> bool:
+    """Route `model`'s attention through packed_attention over `cache`.
+
+    False when the architecture does not dispatch attention through transformers'
+    AttentionInterface (then it cannot be served by the packed engine)."""
+    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        return False
+    attention_modules = [
+        m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
+    ]
+    for module in attention_modules:
+        module.adaptserve_kv = cache
+    return bool(attention_modules)
