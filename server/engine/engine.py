@@ -84,10 +84,10 @@ class TorchEngine:
         self.device = base.device
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
-        self.context = LoRAContext()
+        # A decode batch or a classify batch never has more distinct adapters than rows or slots.
+        self.context = LoRAContext(min(max_batch_size, max_device_adapters))
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = SlotTable(max_device_adapters)
-        self.slot_ranks: dict[int, int] = {}  # slot -> its adapter's largest rank (LoRA rank buckets)
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
@@ -167,7 +167,6 @@ class TorchEngine:
             self.slots.free.append(slot)
             raise
         self.slots.by_key[adapter.key] = slot
-        self.slot_ranks[slot] = max((m.rank for m in package.modules.values()), default=0)
         self._decode_plan = None  # pool contents changed: cached operands may be stale
         self._update_stats()
         logger.debug("adapter %s@%s loaded into slot %d", adapter.name, adapter.version, slot)
@@ -180,7 +179,6 @@ class TorchEngine:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         del self.slots.by_key[key]
-        self.slot_ranks.pop(slot, None)
         self.heads.pop(key, None)
         self.slots.free.append(slot)
         self._decode_plan = None
@@ -315,24 +313,18 @@ class TorchEngine:
         return admitted
 
     def _set_plan(self, slots: list[int]) -> None:
-        self.context.plan = LoRABatchPlan.for_rows(slots, self.device, self.slot_ranks)
+        self.context.plan = LoRABatchPlan.for_rows(slots, self.context.positions, self.device)
 
     def _lora_plan(self, admitted: list[_Row]) -> LoRABatchPlan | None:
-        """Decode tokens and prompt tokens as separate segments (a prompt never pads a decode
-        group). A decode-only plan is reused while the rows' slots stay put."""
+        """A decode-only plan is reused while the rows' slots stay put."""
         slots = [r.slot for r in self.rows]
-        if not admitted:
-            if self._decode_plan is None or self._decode_plan_slots != slots:
-                self._decode_plan = LoRABatchPlan.for_rows(slots, self.device, self.slot_ranks)
-                self._decode_plan_slots = slots
-            return self._decode_plan
-        prompt_tokens, unit = [], len(slots)
-        for row in admitted:
-            length = len(row.request.prompt_ids)
-            prompt_tokens.extend((u, row.slot) for u in range(unit, unit + length))
-            unit += length
-        return LoRABatchPlan.for_segments(unit, [list(enumerate(slots)), prompt_tokens], self.device,
-                                          self.slot_ranks)
+        if admitted:
+            prompts = [(r.slot, len(r.request.prompt_ids)) for r in admitted]
+            return LoRABatchPlan.for_step(slots, prompts, self.context.positions, self.device)
+        if self._decode_plan is None or self._decode_plan_slots != slots:
+            self._decode_plan = LoRABatchPlan.for_step(slots, [], self.context.positions, self.device)
+            self._decode_plan_slots = slots
+        return self._decode_plan
 
     def _long_tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -8,14 +8,21 @@ a pool of adapter weights, one slot per resident adapter:
 Slot 0 is all zeros and means "the base". Before each forward the engine sets one
 LoRABatchPlan (which slot each row or token uses); every layer reads it. Loading an adapter
 copies its tensors into a free slot: no module is rebuilt, nothing is recompiled, and
-adapters of different ranks share a batch (they are bucketed by rank, and within a bucket
-smaller ranks are zero-padded, which adds exact zeros to the sums).
+adapters of different ranks share a batch (smaller ranks are zero-padded up to the largest
+rank in the batch, which adds exact zeros to the sums).
+
+Batched matmuls need their operands side by side, so each layer also keeps an *active*
+buffer in matmul layout (A^T: [positions, in, r_cap], scaled B^T: [positions, r_cap, out]).
+ActivePositions decides which slot sits at which position; an adapter keeps its position
+while it stays in use, so a step copies only the adapters that just joined the batch
+(restacking every active adapter whenever the mix changed cost more than the matmuls
+themselves at 32 distinct adapters).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -23,51 +30,81 @@ from torch import nn
 from adapters.package import LoraModule
 from server.engine.onednn import OneDNNLinear
 
-# Stacked operand sets a layer keeps: a step's decode and prefill bands, each possibly split
-# in two rank buckets. A new set appears only when the batch's adapter mix changes.
-STACKED_CACHE_ENTRIES = 4
 
+class ActivePositions:
+    """Slot held at each position of every layer's active buffer (shared by all layers)."""
 
-def rank_bucket(rank: int) -> int:
-    """Adapters are grouped by the next power of two of their rank, so a band of r=8 adapters
-    never carries the zero padding that an r=16 neighbour would force on it."""
-    return 1 << max(rank - 1, 0).bit_length()
+    def __init__(self, count: int):
+        self.slot_at = [0] * count  # 0: nothing placed yet
+
+    def place(self, slots: set[int]) -> dict[int, int]:
+        """Positions for `slots` (at most `count`): kept where they are, newcomers take the
+        lowest positions no slot of this batch needs (keeping the used range short)."""
+        if len(slots) > len(self.slot_at):
+            raise ValueError(f"{len(slots)} adapters in one batch; the active buffer holds {len(self.slot_at)}")
+        placed = {slot: p for p, slot in enumerate(self.slot_at) if slot in slots}
+        free = (p for p, slot in enumerate(self.slot_at) if slot not in slots)
+        for slot in sorted(slots - placed.keys()):
+            position = next(free)
+            self.slot_at[position] = slot
+            placed[slot] = position
+        return placed
 
 
 @dataclass(frozen=True)
 class LoRABand:
-    """Units of one rank bucket, grouped by adapter (the Punica SGMV idea, padded).
+    """Units grouped by adapter (the Punica SGMV idea, padded).
 
-    Group g holds the units of slot `group_slots[g]`, padded to `per_group` with a repeat of
-    its first unit. A layer does two batched matmuls over [groups, per_group, ...], reading
-    each active adapter once and computing only its own rank: a constant op count whatever
-    the number of distinct adapters. Each real (non-padding) entry is added into its unit.
+    Group p is active position p and holds the units of slot `position_slots[p]` (0: no unit
+    of this batch uses the position), padded to `per_group` with a repeat of some unit. A
+    layer does two batched matmuls over [positions, per_group, ...], reading each active
+    adapter once and computing only its own rank: a constant op count whatever the number
+    of distinct adapters. Each real (non-padding) entry is added into its unit.
     """
 
-    group_slots: torch.Tensor  # [groups] long: distinct non-zero slots
-    gather_units: torch.Tensor  # [groups * per_group] long: the unit each grouped entry reads
+    position_slots: tuple[int, ...]  # [positions in use]
+    gather_units: torch.Tensor  # [positions * per_group] long: the unit each grouped entry reads
     real_entries: torch.Tensor | None  # [real] long: grouped entries that are not padding (None: all are)
     entry_units: torch.Tensor  # [real] long: the unit each real entry adds its delta to
     per_group: int
-    key: tuple[int, ...]  # the slot set: stacked operands are cached by it
 
     @classmethod
-    def build(cls, members: dict[int, list[int]], device: torch.device) -> "LoRABand":
-        groups = sorted(members)
+    def build(cls, slots: Sequence[int], positions: ActivePositions, device: torch.device) -> "LoRABand | None":
+        """Unit i runs on slot `slots[i]`; None when all are on the base (slot 0)."""
+        members: dict[int, list[int]] = {}
+        for unit, slot in enumerate(slots):
+            if slot:
+                members.setdefault(slot, []).append(unit)
+        if not members:
+            return None
+        placed = positions.place(set(members))
+        groups = max(placed.values()) + 1
+        position_slots = [0] * groups
+        for slot, position in placed.items():
+            position_slots[position] = slot
         per_group = max(len(units) for units in members.values())
         gather, real_entries, entry_units = [], [], []
-        for g, slot in enumerate(groups):
-            units = members[slot]
-            gather.extend(units + [units[0]] * (per_group - len(units)))
-            real_entries.extend(range(g * per_group, g * per_group + len(units)))
+        for position, slot in enumerate(position_slots):
+            units = members.get(slot, [])
+            gather.extend(units + [units[0] if units else 0] * (per_group - len(units)))
+            real_entries.extend(range(position * per_group, position * per_group + len(units)))
             entry_units.extend(units)
 
         def as_tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         padded = len(real_entries) < len(gather)
-        return cls(as_tensor(groups), as_tensor(gather), as_tensor(real_entries) if padded else None,
-                   as_tensor(entry_units), per_group, tuple(groups))
+        return cls(tuple(position_slots), as_tensor(gather), as_tensor(real_entries) if padded else None,
+                   as_tensor(entry_units), per_group)
+
+
+@dataclass(frozen=True)
+class LoRARange:
+    """Consecutive units on one adapter: a prompt in a packed step."""
+
+    slot: int
+    start: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -75,50 +112,49 @@ class LoRABatchPlan:
     """Per-forward routing, shared by every SlotLoRALinear of the model.
 
     A layer views its input as [units, tokens per unit, in]: a unit is a batch row (a
-    classify batch, every token of a row on one adapter) or a single token (the engine's
-    packed steps, where decode tokens and whole prompts share one forward). Units with slot 0
-    run on the base and belong to no band. Bands come from segments the caller keeps apart
-    (a step's decode tokens and its prompt tokens), so one prompt's length never pads the
-    decode groups, and from rank buckets.
+    classify batch: every token of a row on one adapter) or a single token (the engine's
+    packed steps, where decode tokens and whole prompts share one forward). Decode tokens
+    form a band; a prompt is a range, whose delta is two plain matmuls over views of the
+    pool (a prompt has enough tokens to keep them efficient, and a range needs no gather,
+    no scatter and no copy). Slot 0 is the base and gets no delta.
     """
 
     units: int
-    bands: tuple[LoRABand, ...]
+    band: LoRABand | None
+    ranges: tuple[LoRARange, ...] = ()
 
     @classmethod
-    def for_segments(
+    def for_rows(cls, slots: Sequence[int], positions: ActivePositions, device: torch.device) -> "LoRABatchPlan | None":
+        """One unit per batch row: row i runs on adapter slot `slots[i]`. None: all on the base."""
+        band = LoRABand.build(slots, positions, device)
+        return cls(len(slots), band) if band is not None else None
+
+    @classmethod
+    def for_step(
         cls,
-        units: int,
-        segments: Sequence[Sequence[tuple[int, int]]],
+        decode_slots: Sequence[int],
+        prompts: Sequence[tuple[int, int]],
+        positions: ActivePositions,
         device: torch.device,
-        slot_ranks: Mapping[int, int] | None = None,
     ) -> "LoRABatchPlan | None":
-        """segments: lists of (unit, slot). slot_ranks: an adapter's largest rank, for bucketing.
-
-        None when every unit runs on the base: the layers then skip LoRA entirely."""
-        bands = []
-        for segment in segments:
-            by_bucket: dict[int, dict[int, list[int]]] = {}
-            for unit, slot in segment:
-                if slot:
-                    bucket = rank_bucket(slot_ranks[slot]) if slot_ranks else 0
-                    by_bucket.setdefault(bucket, {}).setdefault(slot, []).append(unit)
-            bands.extend(LoRABand.build(members, device) for _, members in sorted(by_bucket.items()))
-        return cls(units, tuple(bands)) if bands else None
-
-    @classmethod
-    def for_rows(
-        cls, slots: Sequence[int], device: torch.device, slot_ranks: Mapping[int, int] | None = None
-    ) -> "LoRABatchPlan | None":
-        """One unit per batch row: row i runs on adapter slot `slots[i]`."""
-        return cls.for_segments(len(slots), [list(enumerate(slots))], device, slot_ranks)
+        """Units are tokens: one per decode row, then each prompt's (slot, length) in order."""
+        band = LoRABand.build(decode_slots, positions, device)
+        ranges, start = [], len(decode_slots)
+        for slot, length in prompts:
+            if slot:
+                ranges.append(LoRARange(slot, start, length))
+            start += length
+        if band is None and not ranges:
+            return None
+        return cls(start, band, tuple(ranges))
 
 
 class LoRAContext:
-    """Holds the current plan; None means every layer skips LoRA."""
+    """The current plan (None: every layer skips LoRA) and the shared active positions."""
 
-    def __init__(self) -> None:
+    def __init__(self, positions: int) -> None:
         self.plan: LoRABatchPlan | None = None
+        self.positions = ActivePositions(positions)
 
 
 class SlotLoRALinear(nn.Module):
@@ -132,10 +168,11 @@ class SlotLoRALinear(nn.Module):
         # Allocated on first use: a module no loaded adapter targets costs nothing.
         self.lora_a: torch.Tensor | None = None  # [slots, r_cap, in]
         self.lora_b: torch.Tensor | None = None  # [slots, out, r_cap]
-        self.scale = torch.zeros(self.slots)  # [slots]
+        self.scale_values = [0.0] * self.slots
         self.ranks = [0] * self.slots  # this module's rank in each slot (0: the adapter skips it)
-        # Stacked operands by slot set (oldest first); None: no adapter of the set targets this module.
-        self.stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.active_a: torch.Tensor | None = None  # [positions, in, r_cap]: A^T
+        self.active_b: torch.Tensor | None = None  # [positions, r_cap, out]: scale * B^T
+        self.active_held: list[int] = []  # slot copied at each position (-1: none)
 
     def _grow(self, rank: int, dtype: torch.dtype, device: torch.device) -> None:
         """Reallocate with room for `rank`, keeping loaded slots (rare: a larger rank arrives)."""
@@ -146,8 +183,10 @@ class SlotLoRALinear(nn.Module):
             new_a[:, : self.r_cap] = self.lora_a
             new_b[:, :, : self.r_cap] = self.lora_b
         self.lora_a, self.lora_b, self.r_cap = new_a, new_b, new_cap
-        self.stacked.clear()
-        self.scale = self.scale.to(device)
+        positions = len(self.context.positions.slot_at)
+        self.active_a = torch.zeros(positions, self.in_features, new_cap, dtype=dtype, device=device)
+        self.active_b = torch.zeros(positions, new_cap, self.out_features, dtype=dtype, device=device)
+        self.active_held = [-1] * positions
 
     # Inference mode, not no_grad: the engine steps in inference mode, so a pool grown during
     # admission holds inference tensors, which only inference mode may update in place (an
@@ -159,36 +198,32 @@ class SlotLoRALinear(nn.Module):
         self.clear_slot(slot)
         self.lora_a[slot, : weights.rank] = weights.a.to(device=device, dtype=dtype)
         self.lora_b[slot, :, : weights.rank] = weights.b.to(device=device, dtype=dtype)
-        self.scale[slot] = weights.scale
+        self.scale_values[slot] = weights.scale
         self.ranks[slot] = weights.rank
-        self.stacked.clear()  # any cached stack may hold this slot's old weights
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None and self.ranks[slot]:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
-        self.scale[slot] = 0.0
+        self.scale_values[slot] = 0.0
         self.ranks[slot] = 0
-        self.stacked.clear()
+        # An active copy of the old weights must never be served again.
+        self.active_held = [-1 if held == slot else held for held in self.active_held]
 
-    def stacked_operands(self, band: LoRABand) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A [groups, in, r] and scaled B [groups, r, out] of the band's slots, cached by slot set.
-
-        r is the largest rank any of those slots has in this module, not the pool's r_cap."""
-        if band.key in self.stacked:
-            return self.stacked[band.key]
-        rank = max(self.ranks[slot] for slot in band.key)
-        operands = None
-        if rank:
-            scale = self.scale.to(self.lora_a.device).index_select(0, band.group_slots).view(-1, 1, 1)
-            a_t = self.lora_a[:, :rank].index_select(0, band.group_slots).transpose(1, 2).contiguous()
-            b_t = self.lora_b[:, :, :rank].index_select(0, band.group_slots) * scale.to(self.lora_b.dtype)
-            operands = (a_t, b_t.transpose(1, 2).contiguous())
-        if len(self.stacked) >= STACKED_CACHE_ENTRIES:
-            self.stacked.pop(next(iter(self.stacked)))  # oldest first
-        self.stacked[band.key] = operands
-        return operands
+    def _activate(self, band: LoRABand) -> int:
+        """Copy the band's newly placed slots into the active buffer; returns the rank to use:
+        the largest this module has among them (0: none of them targets this module)."""
+        rank = 0
+        for position, slot in enumerate(band.position_slots):
+            if not slot:
+                continue
+            if self.active_held[position] != slot:
+                self.active_a[position].copy_(self.lora_a[slot].t())
+                torch.mul(self.lora_b[slot].t(), self.scale_values[slot], out=self.active_b[position])
+                self.active_held[position] = slot
+            rank = max(rank, self.ranks[slot])
+        return rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -201,20 +236,34 @@ class SlotLoRALinear(nn.Module):
         tokens = units.shape[1]
         # In place: `out` is this forward's own fresh tensor (inference only, no autograd).
         out_units = out.view(plan.units, tokens, self.out_features)
-        for band in plan.bands:
-            operands = self.stacked_operands(band)
-            if operands is None:
+        if plan.band is not None:
+            self._add_band(plan.band, units, out_units)
+        for span in plan.ranges:
+            rank = self.ranks[span.slot]
+            if not rank:
                 continue
-            a_t, b_t = operands
-            groups = a_t.shape[0]
-            grouped = units.to(a_t.dtype).index_select(0, band.gather_units)  # [groups*per_group, tokens, in]
-            grouped = grouped.view(groups, band.per_group * tokens, self.in_features)
-            delta = torch.bmm(torch.bmm(grouped, a_t), b_t)  # [groups, per_group*tokens, out]
-            delta = delta.view(groups * band.per_group, tokens, self.out_features)
-            if band.real_entries is not None:
-                delta = delta.index_select(0, band.real_entries)  # drop the padding entries
-            out_units.index_add_(0, band.entry_units, delta.to(out.dtype))
+            rows = slice(span.start, span.start + span.length)
+            hidden = units[rows].reshape(-1, self.in_features).to(self.lora_a.dtype)  # [tokens, in]
+            hidden = hidden @ self.lora_a[span.slot, :rank].t()  # [tokens, r]
+            hidden *= self.scale_values[span.slot]
+            delta = hidden @ self.lora_b[span.slot, :, :rank].t()  # [tokens, out]
+            out_units[rows] += delta.view(span.length, tokens, self.out_features).to(out.dtype)
         return out
+
+    def _add_band(self, band: LoRABand, units: torch.Tensor, out_units: torch.Tensor) -> None:
+        rank = self._activate(band)
+        if not rank:
+            return
+        groups, tokens = len(band.position_slots), units.shape[1]
+        a_t = self.active_a[:groups, :, :rank]  # [groups, in, r]
+        b_t = self.active_b[:groups, :rank]  # [groups, r, out]
+        grouped = units.to(a_t.dtype).index_select(0, band.gather_units)  # [groups*per_group, tokens, in]
+        grouped = grouped.view(groups, band.per_group * tokens, self.in_features)
+        delta = torch.bmm(torch.bmm(grouped, a_t), b_t)  # [groups, per_group*tokens, out]
+        delta = delta.view(groups * band.per_group, tokens, self.out_features)
+        if band.real_entries is not None:
+            delta = delta.index_select(0, band.real_entries)  # drop the padding entries
+        out_units.index_add_(0, band.entry_units, delta.to(out_units.dtype))
 
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, OneDNNLinear)

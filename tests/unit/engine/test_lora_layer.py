@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from adapters.package import LoraModule
-from server.engine.lora import LoRABatchPlan, LoRAContext, SlotLoRALinear
+from server.engine.lora import ActivePositions, LoRABatchPlan, LoRAContext, SlotLoRALinear
 
 
 def reference(base: nn.Linear, x: torch.Tensor, weights: LoraModule | None) -> torch.Tensor:
@@ -26,14 +26,14 @@ def random_lora(rank: int, seed: int) -> LoraModule:
 def test_mixed_rows_ranks_and_base_and_a_reloaded_slot():
     torch.manual_seed(0)
     base = nn.Linear(12, 20)
-    context = LoRAContext()
+    context = LoRAContext(positions=3)
     layer = SlotLoRALinear(base, 12, 20, slots=3, context=context)
     adapters = {1: random_lora(4, 1), 2: random_lora(16, 2), 3: random_lora(8, 3)}
     for slot, weights in adapters.items():
         layer.load_slot(slot, weights, torch.float32, torch.device("cpu"))
     x = torch.randn(6, 5, 12)  # [rows, tokens, in]
     slots = [2, 0, 1, 2, 3, 2]  # groups of different sizes, and a base row
-    context.plan = LoRABatchPlan.for_rows(slots, torch.device("cpu"))
+    context.plan = LoRABatchPlan.for_rows(slots, context.positions, torch.device("cpu"))
     got = layer(x)
     for row, slot in enumerate(slots):
         expected = reference(base, x[row], adapters.get(slot))
@@ -48,4 +48,4 @@ def test_mixed_rows_ranks_and_base_and_a_reloaded_slot():
 
 
 def test_all_base_rows_skip_lora():
-    assert LoRABatchPlan.for_rows([0, 0, 0], torch.device("cpu")) is None
+    assert LoRABatchPlan.for_rows([0, 0, 0], ActivePositions(2), torch.device("cpu")) is None

@@ -58,9 +58,9 @@ def bind(package) -> AdapterBinding:
 def served_logits(engine: TorchEngine, package, text: str = PROMPT) -> torch.Tensor:
     slot = engine.load_adapter(bind(package))
     ids = torch.tensor([engine.tokenize(text, None)])
-    engine.context.plan = LoRABatchPlan.for_rows([slot], engine.device)
+    engine.context.plan = LoRABatchPlan.for_rows([slot], engine.context.positions, engine.device)
     try:
-        with torch.no_grad():
+        with torch.inference_mode():  # as the engine runs it
             return engine.model(input_ids=ids).logits[0]
     finally:
         engine.context.plan = None
