@@ -32,6 +32,7 @@ from server.contract import (
     TokenEvent,
 )
 from server.engine.base import BaseModelError, LoadedBase
+from server.engine.cpu_threads import ThreadPolicy, block_list
 from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora
 from server.engine.sampling import Detokenizer, choose_tokens, finish_reason_for
@@ -84,14 +85,18 @@ class TorchEngine:
         self.device = base.device
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.threads = ThreadPolicy(torch.get_num_threads() if self.device.type == "cpu" else 1)
+        blocks = block_list(base.backbone)
+        if blocks is not None:
+            self.threads.install(blocks)
         # A decode batch or a classify batch never has more distinct adapters than rows or slots.
-        self.context = LoRAContext(min(max_batch_size, max_device_adapters))
+        self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads)
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = SlotTable(max_device_adapters)
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
-        self.kv = SlabKVCache(max_batch_size, self.device)
+        self.kv = SlabKVCache(max_batch_size, self.device, self.threads)
         if base.signature.kind == "decoder" and not attach(self.model, self.kv):
             raise BaseModelError(
                 f"{base.signature.canonical_id}: its attention does not go through transformers' "

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from adapters.package import LoraModule
+from server.engine.cpu_threads import ThreadPolicy
 from server.engine.onednn import OneDNNLinear
 
 
@@ -150,11 +151,13 @@ class LoRABatchPlan:
 
 
 class LoRAContext:
-    """The current plan (None: every layer skips LoRA) and the shared active positions."""
+    """The current plan (None: every layer skips LoRA), the shared active positions, and
+    the thread policy: base matmuls are heavy ops, the LoRA ops stay on one thread."""
 
-    def __init__(self, positions: int) -> None:
+    def __init__(self, positions: int, threads: ThreadPolicy | None = None) -> None:
         self.plan: LoRABatchPlan | None = None
         self.positions = ActivePositions(positions)
+        self.threads = threads or ThreadPolicy(1)
 
 
 class SlotLoRALinear(nn.Module):
@@ -226,16 +229,21 @@ class SlotLoRALinear(nn.Module):
         return rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        with self.context.threads.heavy():
+            out = self.base_layer(x)
         plan = self.context.plan
         if plan is None or self.lora_a is None:
             return out
         units = x.reshape(plan.units, -1, self.in_features)  # [units, tokens per unit, in]
         if units.shape[0] * units.shape[1] != x.numel() // self.in_features:
             raise RuntimeError(f"LoRA plan has {plan.units} units, input is {tuple(x.shape)}")
+        self._add_lora(plan, units, out.view(plan.units, units.shape[1], self.out_features))
+        return out
+
+    def _add_lora(self, plan: LoRABatchPlan, units: torch.Tensor, out_units: torch.Tensor) -> None:
+        """Adds every unit's delta into out_units [units, tokens, out] in place (`out` is this
+        forward's own fresh tensor; inference only, no autograd)."""
         tokens = units.shape[1]
-        # In place: `out` is this forward's own fresh tensor (inference only, no autograd).
-        out_units = out.view(plan.units, tokens, self.out_features)
         if plan.band is not None:
             self._add_band(plan.band, units, out_units)
         for span in plan.ranges:
@@ -245,10 +253,11 @@ class SlotLoRALinear(nn.Module):
             rows = slice(span.start, span.start + span.length)
             hidden = units[rows].reshape(-1, self.in_features).to(self.lora_a.dtype)  # [tokens, in]
             hidden = hidden @ self.lora_a[span.slot, :rank].t()  # [tokens, r]
-            hidden *= self.scale_values[span.slot]
-            delta = hidden @ self.lora_b[span.slot, :, :rank].t()  # [tokens, out]
-            out_units[rows] += delta.view(span.length, tokens, self.out_features).to(out.dtype)
-        return out
+            target = out_units[rows].view(-1, self.out_features)  # [tokens, out], a view of `out`
+            if target.dtype == hidden.dtype:
+                target.addmm_(hidden, self.lora_b[span.slot, :, :rank].t(), alpha=self.scale_values[span.slot])
+            else:  # a quantized base computes in its own dtype
+                target += (hidden @ self.lora_b[span.slot, :, :rank].t() * self.scale_values[span.slot]).to(target.dtype)
 
     def _add_band(self, band: LoRABand, units: torch.Tensor, out_units: torch.Tensor) -> None:
         rank = self._activate(band)
