@@ -302,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a serial server is in its steady state from the first request on")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of both servers; 0 = all cores. On a machine other work "
-                        "keeps busy, 1 is several times faster: with 2+ threads every op waits for "
-                        "the slowest thread to be scheduled")
+                        "keeps busy, 1 can be steadier: an op on 2+ threads waits for the slowest "
+                        "thread to be scheduled")
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/<time>.json)")
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(options.prompt_tokens)
     if options.threads != 1 and meta["load_average"][0] >= (os.cpu_count() or 1):
         log(f"note: load average {meta['load_average'][0]:.1f} on {os.cpu_count()} CPUs; with other work "
-            "running, --threads 1 gives steadier and much higher figures")
+            "running, figures will be noisy (--threads 1 can be steadier)")
 
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-") as tmp, contextlib.ExitStack() as servers:
         store, naive_store = Path(tmp) / "store", Path(tmp) / "naive-store"
