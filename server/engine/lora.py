@@ -243,7 +243,6 @@ class SlotLoRALinear(nn.Module):
     def _add_lora(self, plan: LoRABatchPlan, units: torch.Tensor, out_units: torch.Tensor) -> None:
         """Adds every unit's delta into out_units [units, tokens, out] in place (`out` is this
         forward's own fresh tensor; inference only, no autograd)."""
-        tokens = units.shape[1]
         if plan.band is not None:
             self._add_band(plan.band, units, out_units)
         for span in plan.ranges:
