@@ -7,8 +7,10 @@ reads the weights once however many prompts join it; only attention needs to kno
 token belongs to which sequence, and that is what this module provides through
 transformers' AttentionInterface.
 
-The cache is a slab per layer, K and V: [rows, kv_heads, columns, head_dim], allocated once
-and grown by doubling. Running sequences are rows 0..n-1, right-aligned so that every
+The cache is a slab per layer, K and V: [rows, kv_heads, columns, head_dim], grown by
+doubling (rows as the batch fills, columns as the longest sequence needs) and released when
+the batch empties, so one long prompt never reserves its length for every possible row.
+Running sequences are rows 0..n-1, right-aligned so that every
 row's newest token sits in column `end - 1`: a decode step writes every row's new K/V into
 the one column `end`, and a joining prompt of length L fills columns [end + 1 - L, end + 1)
 of a fresh row. Nothing is concatenated per step; a leaving row is replaced by the last
@@ -58,18 +60,26 @@ class StepLayout:
 
 
 class SlabKVCache:
-    def __init__(self, max_rows: int, device: torch.device, threads: ThreadPolicy, initial_columns: int = 128):
+    def __init__(self, max_rows: int, device: torch.device, threads: ThreadPolicy, initial_columns: int = 128,
+                 initial_rows: int = 4):
         self.max_rows = max_rows
         self.threads = threads  # attention is a heavy op
         self.device = device
-        self.columns = initial_columns
-        self.keys: dict[int, torch.Tensor] = {}  # layer -> [max_rows, kv_heads, columns, head_dim]
+        self.initial_shape = (min(initial_rows, max_rows), initial_columns)
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [row capacity, kv_heads, columns, head_dim]
         self.values: dict[int, torch.Tensor] = {}
-        self.valid = torch.zeros(max_rows, initial_columns, dtype=torch.bool, device=device)  # real tokens
         self.rows = 0
         self.end = 0  # used columns are [start, end); every row's newest token is in end - 1
         self.start = 0
         self.layout: StepLayout | None = None  # set for the length of one packed forward
+        self._release()
+
+    def _release(self) -> None:
+        """Back to the initial size: the slabs are reallocated on the next step's first write."""
+        self.keys.clear()
+        self.values.clear()
+        self.row_capacity, self.columns = self.initial_shape
+        self.valid = torch.zeros(self.initial_shape, dtype=torch.bool, device=self.device)  # real tokens
 
     # --- the engine's side -------------------------------------------------------------
 
@@ -79,6 +89,8 @@ class SlabKVCache:
             raise RuntimeError(f"cache holds {self.rows} rows, step decodes {decode_rows}")
         if self.rows + len(prompt_lengths) > self.max_rows:
             raise RuntimeError("more rows than the cache was built for")
+        if self.rows + len(prompt_lengths) > self.row_capacity:
+            self._grow(max(self.rows + len(prompt_lengths), min(2 * self.row_capacity, self.max_rows)), self.columns)
         longest = max(prompt_lengths, default=0)
         if not self.rows:
             self.start = self.end = max(longest - 1, 0)
@@ -86,7 +98,7 @@ class SlabKVCache:
         shift = column - self.end  # a longer prompt than any row: running rows move right
         low = min(self.start + shift, column + 1 - longest) if self.rows else column + 1 - longest
         if column + 1 - low > self.columns:
-            self._grow(max(column + 1 - low, 2 * self.columns))
+            self._grow(self.row_capacity, max(column + 1 - low, 2 * self.columns))
         if column + 1 > self.columns:  # at the right edge: the window moves back to column 0
             shift -= low
             column -= low
@@ -145,29 +157,30 @@ class SlabKVCache:
         self.rows = kept
         if not kept:
             self.start = self.end = 0
+            self._release()
         else:
             # Columns every remaining row leaves empty cost attention time for nothing.
             self.start = int(self.valid[:kept, : self.end].int().argmax(dim=1).min())
         return list(zip(movers, holes))
 
     def reset(self) -> None:
-        self.valid.zero_()
         self.rows = self.start = self.end = 0
         self.layout = None
+        self._release()
 
     def tokens(self) -> int:
         return int(self.valid[: self.rows].sum())
 
-    def _grow(self, columns: int) -> None:
-        valid = torch.zeros(self.max_rows, columns, dtype=torch.bool, device=self.device)
-        valid[:, : self.columns] = self.valid
+    def _grow(self, rows: int, columns: int) -> None:
+        valid = torch.zeros(rows, columns, dtype=torch.bool, device=self.device)
+        valid[: self.row_capacity, : self.columns] = self.valid
         self.valid = valid
         for slabs in (self.keys, self.values):
             for layer, slab in slabs.items():
-                grown = slab.new_zeros(slab.shape[0], slab.shape[1], columns, slab.shape[3])
-                grown[:, :, : self.columns] = slab
+                grown = slab.new_zeros(rows, slab.shape[1], columns, slab.shape[3])
+                grown[: self.row_capacity, :, : self.columns] = slab
                 slabs[layer] = grown
-        self.columns = columns
+        self.row_capacity, self.columns = rows, columns
 
     def _shift(self, delta: int) -> None:
         """Move the used columns [start, end) of the running rows by delta."""
@@ -186,7 +199,7 @@ class SlabKVCache:
 
     def _slabs(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.keys:
-            shape = (self.max_rows, like.shape[1], self.columns, like.shape[3])
+            shape = (self.row_capacity, like.shape[1], self.columns, like.shape[3])
             self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self.keys[layer], self.values[layer]

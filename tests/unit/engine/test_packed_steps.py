@@ -48,7 +48,8 @@ def make_requests(engine: TorchEngine, bindings) -> list[tuple[int, GenerationRe
     return requests
 
 
-def run(engine: TorchEngine, arrivals: list[tuple[int, GenerationRequest]]) -> dict[str, list[int]]:
+def run(engine: TorchEngine, arrivals: list[tuple[int, GenerationRequest]],
+        columns_seen: list[int] | None = None) -> dict[str, list[int]]:
     tokens: dict[str, list[int]] = {}
     pending = sorted(arrivals, key=lambda item: item[0])
     step = 0
@@ -57,6 +58,8 @@ def run(engine: TorchEngine, arrivals: list[tuple[int, GenerationRequest]]) -> d
             engine.add(pending.pop(0)[1])
         for event in engine.step():
             tokens.setdefault(event.request_id, []).extend(event.token_ids)
+        if columns_seen is not None:
+            columns_seen.append(engine.kv.columns)
         step += 1
     return tokens
 
@@ -69,10 +72,12 @@ def test_staggered_mixed_batch_equals_each_request_alone(engine, bindings):
         alone.update(run(engine, [(0, req)]))
 
     small_slab(engine, 8)  # the batch outgrows it: the slab grows and its window moves
-    together = run(engine, arrivals)
+    columns_seen: list[int] = []
+    together = run(engine, arrivals, columns_seen)
 
-    assert engine.kv.columns > 8
+    assert max(columns_seen) > 8
     assert engine.kv.rows == 0 and engine.stats()["running"] == 0
+    assert engine.kv.keys == {} and engine.kv.columns == 8  # an empty batch gives the memory back
     for _, req in arrivals:
         assert len(together[req.request_id]) == req.params.max_new_tokens
         # Batching changes float reduction order only; on this tiny fp32 model greedy
@@ -120,3 +125,15 @@ def test_slab_layout_keeps_rows_right_aligned(engine):
     assert moves == [(2, 0)] and cache.rows == 2
     assert cache.valid[0, :6].all()  # the long row now sits in row 0
     assert cache.tokens() == int(cache.valid[:2].sum())
+
+
+def test_one_long_prompt_reserves_rows_only_for_what_runs(engine):
+    cache = SlabKVCache(max_rows=32, device=torch.device("cpu"), threads=engine.threads, initial_columns=16)
+    cache.plan_step(0, [300], torch.float32)
+    assert cache.row_capacity == 4 and cache.columns >= 300  # not 32 rows x 300 columns
+    cache.finish_step(1)
+    cache.plan_step(1, [5, 5, 5, 5], torch.float32)
+    assert cache.row_capacity == 8
+    cache.finish_step(4)
+    cache.remove_rows(set(range(5)))
+    assert (cache.row_capacity, cache.columns, cache.rows) == (4, 16, 0)
