@@ -33,7 +33,7 @@ from server.contract import (
 )
 from server.engine.base import BaseModelError, LoadedBase
 from server.engine.cpu_threads import ThreadPolicy, block_list
-from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach
+from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach, unsupported_reason
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora
 from server.engine.sampling import Detokenizer, choose_tokens, finish_reason_for
 
@@ -97,11 +97,11 @@ class TorchEngine:
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
         self.kv = SlabKVCache(max_batch_size, self.device, self.threads)
-        if base.signature.kind == "decoder" and not attach(self.model, self.kv):
-            raise BaseModelError(
-                f"{base.signature.canonical_id}: its attention does not go through transformers' "
-                "AttentionInterface, which adaptserve's batched engine needs for generation"
-            )
+        if base.signature.kind == "decoder":
+            reason = unsupported_reason(self.model)
+            if reason is not None:
+                raise BaseModelError(f"{base.signature.canonical_id} cannot be served for generation: {reason}")
+            attach(self.model, self.kv)
         self._passthrough_mask = PASSTHROUGH_MASK.to(self.device)
         self.cancelled: dict[str, FinishReason] = {}
         self._stats: dict[str, Any] = {}

@@ -273,17 +273,28 @@ AttentionInterface.register(ATTENTION_NAME, packed_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
-def attach(model: torch.nn.Module, cache: SlabKVCache) -> bool:
-    """Route `model`'s attention through packed_attention over `cache`.
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
 
-    False when the architecture does not dispatch attention through transformers'
-    AttentionInterface (then it cannot be served by the packed engine)."""
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why the packed attention cannot serve `model`, found at start rather than at the
+    first request: features it does not compute, or attention that bypasses the interface."""
+    if getattr(model.config, "attn_logit_softcapping", None):
+        return "its attention uses logit soft-capping, which the packed attention does not compute"
+    modules = _attention_modules(model)
+    if any(getattr(m, "sinks", None) is not None for m in modules):
+        return "its attention uses attention sinks, which the packed attention does not compute"
+    if not modules or not getattr(model, "_supports_attention_backend", False):
+        return "its attention does not go through transformers' AttentionInterface"
+    return None
+
+
+def attach(model: torch.nn.Module, cache: SlabKVCache) -> None:
+    """Route `model`'s attention through packed_attention over `cache` (check
+    unsupported_reason first)."""
     model.set_attn_implementation(ATTENTION_NAME)
     if model.config._attn_implementation != ATTENTION_NAME:
-        return False
-    attention_modules = [
-        m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
-    ]
-    for module in attention_modules:
+        raise UnsupportedAttention("transformers refused the packed attention implementation")
+    for module in _attention_modules(model):
         module.adaptserve_kv = cache
-    return bool(attention_modules)

@@ -137,3 +137,16 @@ def test_one_long_prompt_reserves_rows_only_for_what_runs(engine):
     cache.finish_step(4)
     cache.remove_rows(set(range(5)))
     assert (cache.row_capacity, cache.columns, cache.rows) == (4, 16, 0)
+
+
+def test_attention_the_packed_path_cannot_compute_is_refused_at_start(engine):
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from server.engine.kv import unsupported_reason
+
+    assert unsupported_reason(engine.model) is None
+    gemma2 = AutoModelForCausalLM.from_config(Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    ))
+    assert "soft-capping" in unsupported_reason(gemma2)
