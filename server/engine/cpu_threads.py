@@ -20,9 +20,9 @@ from torch import nn
 
 
 class ThreadPolicy:
-    def __init__(self, heavy_threads: int | None = None):
-        self.heavy_threads = heavy_threads or torch.get_num_threads()
-        self.enabled = self.heavy_threads > 1
+    def __init__(self, heavy_threads: int):
+        self.heavy_threads = heavy_threads
+        self.enabled = heavy_threads > 1
 
     @contextlib.contextmanager
     def heavy(self) -> Iterator[None]:

@@ -364,9 +364,11 @@ class TorchEngine:
             self.context.plan = None
         self.kv.finish_step(len(admitted))
         self.rows.extend(admitted)
-        self._sample(list(self.rows), logits, events)
+        self._sample(logits, events)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor, events: list[TokenEvent]) -> None:
+    def _sample(self, logits: torch.Tensor, events: list[TokenEvent]) -> None:
+        """logits: [rows, vocab], one per running row in order; finished rows leave."""
+        rows = list(self.rows)
         tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         finished: dict[int, FinishReason] = {}
         for index, (row, token) in enumerate(zip(rows, tokens)):

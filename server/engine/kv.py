@@ -156,8 +156,7 @@ class SlabKVCache:
         self.valid[kept : self.rows] = False
         self.rows = kept
         if not kept:
-            self.start = self.end = 0
-            self._release()
+            self.reset()
         else:
             # Columns every remaining row leaves empty cost attention time for nothing.
             self.start = int(self.valid[:kept, : self.end].int().argmax(dim=1).min())

@@ -154,10 +154,10 @@ class LoRAContext:
     """The current plan (None: every layer skips LoRA), the shared active positions, and
     the thread policy: base matmuls are heavy ops, the LoRA ops stay on one thread."""
 
-    def __init__(self, positions: int, threads: ThreadPolicy | None = None) -> None:
+    def __init__(self, positions: int, threads: ThreadPolicy) -> None:
         self.plan: LoRABatchPlan | None = None
         self.positions = ActivePositions(positions)
-        self.threads = threads or ThreadPolicy(1)
+        self.threads = threads
 
 
 class SlotLoRALinear(nn.Module):
@@ -234,9 +234,10 @@ class SlotLoRALinear(nn.Module):
         plan = self.context.plan
         if plan is None or self.lora_a is None:
             return out
-        units = x.reshape(plan.units, -1, self.in_features)  # [units, tokens per unit, in]
-        if units.shape[0] * units.shape[1] != x.numel() // self.in_features:
+        # A unit is a batch row (classify) or a token of the one packed row (engine steps).
+        if plan.units not in (x.shape[0], x.shape[0] * x.shape[1]):
             raise RuntimeError(f"LoRA plan has {plan.units} units, input is {tuple(x.shape)}")
+        units = x.reshape(plan.units, -1, self.in_features)  # [units, tokens per unit, in]
         self._add_lora(plan, units, out.view(plan.units, units.shape[1], self.out_features))
         return out
 

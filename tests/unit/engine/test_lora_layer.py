@@ -25,15 +25,21 @@ def random_lora(rank: int, seed: int) -> LoraModule:
                       scale=0.5 * seed)
 
 
+def layer_with(adapters: dict[int, LoraModule], positions: int) -> tuple[nn.Linear, LoRAContext, SlotLoRALinear]:
+    """A 12 -> 20 base linear wrapped with three slots, `adapters` loaded by slot."""
+    base = nn.Linear(12, 20)
+    context = LoRAContext(positions, ThreadPolicy(1))
+    layer = SlotLoRALinear(base, 12, 20, slots=3, context=context)
+    for slot, weights in adapters.items():
+        layer.load_slot(slot, weights, torch.float32, torch.device("cpu"))
+    return base, context, layer
+
+
 @torch.inference_mode()
 def test_mixed_rows_ranks_and_base_and_a_reloaded_slot():
     torch.manual_seed(0)
-    base = nn.Linear(12, 20)
-    context = LoRAContext(positions=3)
-    layer = SlotLoRALinear(base, 12, 20, slots=3, context=context)
     adapters = {1: random_lora(4, 1), 2: random_lora(16, 2), 3: random_lora(8, 3)}
-    for slot, weights in adapters.items():
-        layer.load_slot(slot, weights, torch.float32, torch.device("cpu"))
+    base, context, layer = layer_with(adapters, positions=3)
     x = torch.randn(6, 5, 12)  # [rows, tokens, in]
     slots = [2, 0, 1, 2, 3, 2]  # groups of different sizes, and a base row
     context.plan = LoRABatchPlan.for_rows(slots, context.positions, torch.device("cpu"))
@@ -58,12 +64,8 @@ def test_all_base_rows_skip_lora():
 def test_packed_step_plan_decode_band_and_prompt_ranges():
     """Units are tokens: three decode tokens (two adapters and the base), then two prompts."""
     torch.manual_seed(1)
-    base = nn.Linear(12, 20)
-    context = LoRAContext(positions=2)
-    layer = SlotLoRALinear(base, 12, 20, slots=3, context=context)
     adapters = {1: random_lora(4, 1), 2: random_lora(16, 2)}
-    for slot, weights in adapters.items():
-        layer.load_slot(slot, weights, torch.float32, torch.device("cpu"))
+    base, context, layer = layer_with(adapters, positions=2)
     decode_slots = [2, 0, 1]
     prompts = [(1, 4), (0, 2), (2, 3)]  # (slot, length)
     token_slots = decode_slots + [slot for slot, length in prompts for _ in range(length)]
