@@ -32,6 +32,7 @@ from server.contract import (
     TokenEvent,
 )
 from server.engine.base import BaseModelError, LoadedBase
+from server.engine import cpu_sgmv
 from server.engine.cpu_threads import ThreadPolicy, block_list
 from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach, unsupported_reason
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora
@@ -90,7 +91,10 @@ class TorchEngine:
         if blocks is not None:
             self.threads.install(blocks)
         # A decode batch or a classify batch never has more distinct adapters than rows or slots.
-        self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads)
+        self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads,
+                                   cpu_kernel=self.device.type == "cpu")
+        if self.context.cpu_kernel:
+            cpu_sgmv.warm_up()
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = SlotTable(max_device_adapters)
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}

@@ -3,7 +3,7 @@
 Every adaptable linear layer of the backbone is wrapped once in a SlotLoRALinear that owns
 a pool of adapter weights, one slot per resident adapter:
 
-    A: [slots, r_cap, in]   B: [slots, out, r_cap]   scale: [slots]
+    A: [slots, r_cap, in]   scale * B^T: [slots, r_cap, out]
 
 Slot 0 is all zeros and means "the base". Before each forward the engine sets one
 LoRABatchPlan (which slot each row or token uses); every layer reads it. Loading an adapter
@@ -24,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from adapters.package import LoraModule
+from server.engine import cpu_sgmv
 from server.engine.cpu_threads import ThreadPolicy
 from server.engine.onednn import OneDNNLinear
 
@@ -72,10 +74,7 @@ class LoRABand:
     @classmethod
     def build(cls, slots: Sequence[int], positions: ActivePositions, device: torch.device) -> "LoRABand | None":
         """Unit i runs on slot `slots[i]`; None when all are on the base (slot 0)."""
-        members: dict[int, list[int]] = {}
-        for unit, slot in enumerate(slots):
-            if slot:
-                members.setdefault(slot, []).append(unit)
+        members = units_by_slot(slots)
         if not members:
             return None
         placed = positions.place(set(members))
@@ -99,6 +98,15 @@ class LoRABand:
                    as_tensor(entry_units), per_group)
 
 
+def units_by_slot(slots: Sequence[int]) -> dict[int, list[int]]:
+    """Unit i runs on slot `slots[i]`: the units of each adapter slot (the base, 0, left out)."""
+    members: dict[int, list[int]] = {}
+    for unit, slot in enumerate(slots):
+        if slot:
+            members.setdefault(slot, []).append(unit)
+    return members
+
+
 @dataclass(frozen=True)
 class LoRARange:
     """Consecutive units on one adapter: a prompt in a packed step."""
@@ -106,6 +114,27 @@ class LoRARange:
     slot: int
     start: int
     length: int
+
+
+@dataclass(frozen=True)
+class LoRASegments:
+    """Every unit of a step that has an adapter, grouped by slot and unpadded: the CPU
+    kernel's view of the plan (cpu_sgmv). Segment g is slot `slots[g]` over the units
+    `units[starts[g]:starts[g + 1]]`: a decode group lists its rows, a prompt its tokens."""
+
+    slots: np.ndarray  # [segments] int64
+    starts: np.ndarray  # [segments + 1] int64
+    units: np.ndarray  # [units with an adapter] int64
+
+    @classmethod
+    def build(cls, groups: Sequence[tuple[int, Sequence[int]]]) -> "LoRASegments":
+        """`groups`: (slot, its units) in order."""
+        lengths = [len(units) for _, units in groups]
+        return cls(
+            slots=np.array([slot for slot, _ in groups], dtype=np.int64),
+            starts=np.cumsum([0] + lengths, dtype=np.int64),
+            units=np.fromiter((u for _, units in groups for u in units), dtype=np.int64, count=sum(lengths)),
+        )
 
 
 @dataclass(frozen=True)
@@ -117,12 +146,14 @@ class LoRABatchPlan:
     packed steps, where decode tokens and whole prompts share one forward). Decode tokens
     form a band; a prompt is a range, whose delta is two plain matmuls over views of the
     pool (a prompt has enough tokens to keep them efficient, and a range needs no gather,
-    no scatter and no copy). Slot 0 is the base and gets no delta.
+    no scatter and no copy). Slot 0 is the base and gets no delta. On CPU in float32, a
+    step's band and ranges are instead one kernel call over `segments`.
     """
 
     units: int
     band: LoRABand | None
     ranges: tuple[LoRARange, ...] = ()
+    segments: LoRASegments | None = None  # packed steps only (one token per unit)
 
     @classmethod
     def for_rows(cls, slots: Sequence[int], positions: ActivePositions, device: torch.device) -> "LoRABatchPlan | None":
@@ -147,17 +178,21 @@ class LoRABatchPlan:
             start += length
         if band is None and not ranges:
             return None
-        return cls(start, band, tuple(ranges))
+        groups = list(units_by_slot(decode_slots).items())
+        groups += [(span.slot, range(span.start, span.start + span.length)) for span in ranges]
+        return cls(start, band, tuple(ranges), LoRASegments.build(groups))
 
 
 class LoRAContext:
-    """The current plan (None: every layer skips LoRA), the shared active positions, and
-    the thread policy: base matmuls are heavy ops, the LoRA ops stay on one thread."""
+    """The current plan (None: every layer skips LoRA), the shared active positions, the
+    thread policy (base matmuls are heavy ops, the LoRA ops stay on one thread), and whether
+    float32 decode bands on CPU run the compiled kernel (cpu_sgmv) instead of torch ops."""
 
-    def __init__(self, positions: int, threads: ThreadPolicy) -> None:
+    def __init__(self, positions: int, threads: ThreadPolicy, cpu_kernel: bool) -> None:
         self.plan: LoRABatchPlan | None = None
         self.positions = ActivePositions(positions)
         self.threads = threads
+        self.cpu_kernel = cpu_kernel and cpu_sgmv.available()
 
 
 class SlotLoRALinear(nn.Module):
@@ -170,9 +205,12 @@ class SlotLoRALinear(nn.Module):
         self.r_cap = 0
         # Allocated on first use: a module no loaded adapter targets costs nothing.
         self.lora_a: torch.Tensor | None = None  # [slots, r_cap, in]
-        self.lora_b: torch.Tensor | None = None  # [slots, out, r_cap]
-        self.scale_values = [0.0] * self.slots
-        self.ranks = [0] * self.slots  # this module's rank in each slot (0: the adapter skips it)
+        self.lora_bt: torch.Tensor | None = None  # [slots, r_cap, out]: scale * B^T
+        # numpy views of the pools (same memory) for the CPU kernel; None off CPU float32.
+        self._pool_a_array: np.ndarray | None = None
+        self._pool_bt_array: np.ndarray | None = None
+        # This module's rank in each slot (0: the adapter skips it); an array for the kernel.
+        self.ranks = np.zeros(self.slots, dtype=np.int64)
         self.active_a: torch.Tensor | None = None  # [positions, in, r_cap]: A^T
         self.active_b: torch.Tensor | None = None  # [positions, r_cap, out]: scale * B^T
         self.active_held: list[int] = []  # slot copied at each position (-1: none)
@@ -181,11 +219,13 @@ class SlotLoRALinear(nn.Module):
         """Reallocate with room for `rank`, keeping loaded slots (rare: a larger rank arrives)."""
         new_cap = max(rank, 8, self.r_cap * 2 if self.r_cap else 0)
         new_a = torch.zeros(self.slots, new_cap, self.in_features, dtype=dtype, device=device)
-        new_b = torch.zeros(self.slots, self.out_features, new_cap, dtype=dtype, device=device)
+        new_bt = torch.zeros(self.slots, new_cap, self.out_features, dtype=dtype, device=device)
         if self.lora_a is not None:
             new_a[:, : self.r_cap] = self.lora_a
-            new_b[:, :, : self.r_cap] = self.lora_b
-        self.lora_a, self.lora_b, self.r_cap = new_a, new_b, new_cap
+            new_bt[:, : self.r_cap] = self.lora_bt
+        self.lora_a, self.lora_bt, self.r_cap = new_a, new_bt, new_cap
+        if device.type == "cpu" and dtype == torch.float32:
+            self._pool_a_array, self._pool_bt_array = new_a.numpy(), new_bt.numpy()
         positions = len(self.context.positions.slot_at)
         self.active_a = torch.zeros(positions, self.in_features, new_cap, dtype=dtype, device=device)
         self.active_b = torch.zeros(positions, new_cap, self.out_features, dtype=dtype, device=device)
@@ -200,16 +240,14 @@ class SlotLoRALinear(nn.Module):
             self._grow(weights.rank, dtype, device)
         self.clear_slot(slot)
         self.lora_a[slot, : weights.rank] = weights.a.to(device=device, dtype=dtype)
-        self.lora_b[slot, :, : weights.rank] = weights.b.to(device=device, dtype=dtype)
-        self.scale_values[slot] = weights.scale
+        self.lora_bt[slot, : weights.rank] = (weights.b.t().to(device=device, dtype=torch.float32) * weights.scale).to(dtype)
         self.ranks[slot] = weights.rank
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
         if self.lora_a is not None and self.ranks[slot]:
             self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-        self.scale_values[slot] = 0.0
+            self.lora_bt[slot].zero_()
         self.ranks[slot] = 0
         # An active copy of the old weights must never be served again.
         self.active_held = [-1 if held == slot else held for held in self.active_held]
@@ -223,9 +261,9 @@ class SlotLoRALinear(nn.Module):
                 continue
             if self.active_held[position] != slot:
                 self.active_a[position].copy_(self.lora_a[slot].t())
-                torch.mul(self.lora_b[slot].t(), self.scale_values[slot], out=self.active_b[position])
+                self.active_b[position].copy_(self.lora_bt[slot])
                 self.active_held[position] = slot
-            rank = max(rank, self.ranks[slot])
+            rank = max(rank, int(self.ranks[slot]))
         return rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,10 +282,16 @@ class SlotLoRALinear(nn.Module):
     def _add_lora(self, plan: LoRABatchPlan, units: torch.Tensor, out_units: torch.Tensor) -> None:
         """Adds every unit's delta into out_units [units, tokens, out] in place (`out` is this
         forward's own fresh tensor; inference only, no autograd)."""
+        if plan.segments is not None and self._kernel_applies(units, out_units):
+            segments = plan.segments
+            cpu_sgmv.add_segment_lora(
+                units.view(-1, self.in_features).numpy(), out_units.view(-1, self.out_features).numpy(),
+                self._pool_a_array, self._pool_bt_array, self.ranks, segments.slots, segments.starts, segments.units)
+            return
         if plan.band is not None:
             self._add_band(plan.band, units, out_units)
         for span in plan.ranges:
-            rank = self.ranks[span.slot]
+            rank = int(self.ranks[span.slot])
             if not rank:
                 continue
             rows = slice(span.start, span.start + span.length)
@@ -255,9 +299,16 @@ class SlotLoRALinear(nn.Module):
             hidden = hidden @ self.lora_a[span.slot, :rank].t()  # [tokens, r]
             target = out_units[rows].view(-1, self.out_features)  # [tokens, out], a view of `out`
             if target.dtype == hidden.dtype:
-                target.addmm_(hidden, self.lora_b[span.slot, :, :rank].t(), alpha=self.scale_values[span.slot])
+                target.addmm_(hidden, self.lora_bt[span.slot, :rank])
             else:  # a quantized base computes in its own dtype
-                target += (hidden @ self.lora_b[span.slot, :, :rank].t() * self.scale_values[span.slot]).to(target.dtype)
+                target += (hidden @ self.lora_bt[span.slot, :rank]).to(target.dtype)
+
+    def _kernel_applies(self, units: torch.Tensor, out_units: torch.Tensor) -> bool:
+        """The CPU kernel takes float32 throughout and contiguous rows (a quantized base may
+        compute in another dtype; CUDA pools have no numpy view)."""
+        return (self.context.cpu_kernel and self._pool_a_array is not None
+                and units.dtype == out_units.dtype == torch.float32
+                and units.is_contiguous() and out_units.is_contiguous())
 
     def _add_band(self, band: LoRABand, units: torch.Tensor, out_units: torch.Tensor) -> None:
         rank = self._activate(band)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from adapters.package import LoraModule
+from server.engine import cpu_sgmv
 from server.engine.cpu_threads import ThreadPolicy
-from server.engine.lora import ActivePositions, LoRABatchPlan, LoRAContext, SlotLoRALinear
+from server.engine.lora import ActivePositions, LoRABatchPlan, LoRAContext, LoRASegments, SlotLoRALinear
 from server.engine.onednn import OneDNNLinear, can_pack
 
 
@@ -25,10 +27,11 @@ def random_lora(rank: int, seed: int) -> LoraModule:
                       scale=0.5 * seed)
 
 
-def layer_with(adapters: dict[int, LoraModule], positions: int) -> tuple[nn.Linear, LoRAContext, SlotLoRALinear]:
+def layer_with(adapters: dict[int, LoraModule], positions: int,
+               cpu_kernel: bool = True) -> tuple[nn.Linear, LoRAContext, SlotLoRALinear]:
     """A 12 -> 20 base linear wrapped with three slots, `adapters` loaded by slot."""
     base = nn.Linear(12, 20)
-    context = LoRAContext(positions, ThreadPolicy(1))
+    context = LoRAContext(positions, ThreadPolicy(1), cpu_kernel=cpu_kernel)
     layer = SlotLoRALinear(base, 12, 20, slots=3, context=context)
     for slot, weights in adapters.items():
         layer.load_slot(slot, weights, torch.float32, torch.device("cpu"))
@@ -60,13 +63,17 @@ def test_all_base_rows_skip_lora():
     assert LoRABatchPlan.for_rows([0, 0, 0], ActivePositions(2), torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
 @torch.inference_mode()
-def test_packed_step_plan_decode_band_and_prompt_ranges():
-    """Units are tokens: three decode tokens (two adapters and the base), then two prompts."""
+def test_packed_step_plan_decode_band_and_prompt_ranges(cpu_kernel, monkeypatch):
+    """Units are tokens: decode tokens (two adapters, one in a group of five, and the base),
+    then three prompts; the same plan through the CPU kernel and through torch ops."""
+    kernel_calls = []
+    monkeypatch.setattr(cpu_sgmv, "add_segment_lora", spy(cpu_sgmv.add_segment_lora, kernel_calls))
     torch.manual_seed(1)
     adapters = {1: random_lora(4, 1), 2: random_lora(16, 2)}
-    base, context, layer = layer_with(adapters, positions=2)
-    decode_slots = [2, 0, 1]
+    base, context, layer = layer_with(adapters, positions=2, cpu_kernel=cpu_kernel)
+    decode_slots = [2, 0, 1, 2, 2, 2, 2]
     prompts = [(1, 4), (0, 2), (2, 3)]  # (slot, length)
     token_slots = decode_slots + [slot for slot, length in prompts for _ in range(length)]
     x = torch.randn(1, len(token_slots), 12)  # [1, tokens, in]: one packed row
@@ -75,6 +82,47 @@ def test_packed_step_plan_decode_band_and_prompt_ranges():
     for token, slot in enumerate(token_slots):
         expected = reference(base, x[0, token], adapters.get(slot))
         torch.testing.assert_close(got[0, token], expected, rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == (1 if cpu_kernel else 0)
+
+
+def spy(function, calls: list):
+    def wrapper(*args):
+        calls.append(args)
+        return function(*args)
+    return wrapper
+
+
+def test_step_segments_group_decode_rows_by_slot_then_list_each_prompt():
+    plan = LoRABatchPlan.for_step([2, 0, 1, 2], [(1, 3), (0, 2), (2, 2)], ActivePositions(2), torch.device("cpu"))
+    assert plan.segments.slots.tolist() == [2, 1, 1, 2]
+    assert plan.segments.starts.tolist() == [0, 2, 3, 6, 8]
+    assert plan.segments.units.tolist() == [0, 3, 2, 4, 5, 6, 9, 10]  # the base's units are left out
+
+
+@pytest.mark.skipif(not cpu_sgmv.available(), reason="numba is not installed")
+@pytest.mark.parametrize("driver", ["_serial", "_parallel"])
+def test_cpu_kernel_equals_the_formula_for_every_segment_shape(driver):
+    """Ranks that are not multiples of four, a rank of 0 (adapter skips the layer), lone rows,
+    blocks of four with a remainder, units in any order; rows of no segment stay untouched."""
+    generator = np.random.default_rng(3)
+    slots, r_cap, n_in, n_out, units = 5, 7, 33, 18, 23
+    ranks = np.array([0, 5, 7, 3, 0], dtype=np.int64)
+    pool_a = np.zeros((slots, r_cap, n_in), dtype=np.float32)
+    pool_bt = np.zeros((slots, r_cap, n_out), dtype=np.float32)
+    for slot, rank in enumerate(ranks):
+        pool_a[slot, :rank] = generator.standard_normal((rank, n_in))
+        pool_bt[slot, :rank] = generator.standard_normal((rank, n_out))
+    groups = [(1, [4]), (2, [0, 9, 3, 17, 11, 6]), (3, list(range(12, 16))), (4, [20, 21]), (1, [1, 2])]
+    segments = LoRASegments.build(groups)
+    x = generator.standard_normal((units, n_in)).astype(np.float32)
+    out = generator.standard_normal((units, n_out)).astype(np.float32)
+    expected = out.astype(np.float64)
+    for slot, members in groups:
+        for unit in members:
+            rank = ranks[slot]
+            expected[unit] += (x[unit].astype(np.float64) @ pool_a[slot, :rank].T) @ pool_bt[slot, :rank]
+    getattr(cpu_sgmv, driver)(x, out, pool_a, pool_bt, ranks, segments.slots, segments.starts, segments.units)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_active_positions_keep_adapters_in_place_and_fill_the_lowest_free():

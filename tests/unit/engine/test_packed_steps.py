@@ -64,7 +64,9 @@ def run(engine: TorchEngine, arrivals: list[tuple[int, GenerationRequest]],
     return tokens
 
 
-def test_staggered_mixed_batch_equals_each_request_alone(engine, bindings):
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
+def test_staggered_mixed_batch_equals_each_request_alone(engine, bindings, cpu_kernel, monkeypatch):
+    monkeypatch.setattr(engine.context, "cpu_kernel", cpu_kernel and engine.context.cpu_kernel)
     arrivals = make_requests(engine, bindings)
     alone = {}
     for _, req in arrivals:
