@@ -70,6 +70,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     # Anything the libraries cache at run time goes to /tmp (an emptyDir on Kubernetes).
     HF_HOME=/tmp/huggingface \
     TRITON_CACHE_DIR=/tmp/triton \
+    # numba caches the compiled CPU LoRA kernel next to the code unless told otherwise.
+    NUMBA_CACHE_DIR=/tmp/numba \
     # In a container the only way in is through published ports, so listen on all
     # interfaces; the admin listener stays on loopback unless ADAPTSERVE_ADMIN_HOST is set
     # (the Kubernetes manifests set it, behind a token and a NetworkPolicy).

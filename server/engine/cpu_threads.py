@@ -1,7 +1,7 @@
 """CPU thread policy for engine forwards: heavy ops on every thread, the many small ones on one.
 
 A decoder layer runs a few heavy ops (its matmuls, attention) and many small ones (norms,
-rotary, activations, residual adds, the LoRA gathers and rank-r matmuls, tens of
+rotary, activations, residual adds, the LoRA of each projection, tens of
 microseconds each). Every op run on two threads is an OpenMP region whose end waits for
 both, and while serving, the event loop and other processes keep the other core busy part
 of the time, so those waits add up. Measured with the real server on 2 cores (C=32, 64 new

@@ -11,8 +11,10 @@ copies its tensors into a free slot: no module is rebuilt, nothing is recompiled
 adapters of different ranks share a batch (smaller ranks are zero-padded up to the largest
 rank in the batch, which adds exact zeros to the sums).
 
-Batched matmuls need their operands side by side, so each layer also keeps an *active*
-buffer in matmul layout (A^T: [positions, in, r_cap], scaled B^T: [positions, r_cap, out]).
+On CPU in float32 a packed step's LoRA is one compiled loop per layer that reads the pool
+directly (cpu_sgmv). Everywhere else it is torch ops, and batched matmuls need their
+operands side by side, so each layer also keeps an *active* buffer in matmul layout
+(A^T: [positions, in, r_cap], scaled B^T: [positions, r_cap, out]).
 ActivePositions decides which slot sits at which position; an adapter keeps its position
 while it stays in use, so a step copies only the adapters that just joined the batch
 (restacking every active adapter whenever the mix changed cost more than the matmuls
