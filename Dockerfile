@@ -23,9 +23,10 @@ RUN apt-get update \
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 
 FROM ${CPU_IMAGE} AS base-cpu
+# libgomp1: numba's OpenMP threading layer for the CPU LoRA kernel (server/engine/cpu_sgmv.py).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
+    && apt-get install -y --no-install-recommends tini libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 # Without this index pip resolves the multi-GB CUDA build of torch.
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

@@ -14,10 +14,11 @@ remains is reading the adapters (at 8 adapters ~117 MB per step in float32, a fi
 the base model's bytes) and, for one adapter, the arithmetic.
 
 Segments run one after another on the calling thread, except from PARALLEL_FROM_SEGMENTS
-distinct adapters on: there a step reads so many adapter bytes that both cores' memory
-bandwidth pays for waking the second thread (decode step at 32 adapters 141 -> 124 ms);
-at 8 adapters it made no difference, and a parallel loop per layer adds wake-ups that
-other work on the machine (the server's event loop, clients) makes expensive.
+distinct adapters on, with numba's OpenMP (or TBB) threading layer: there a step reads so
+many adapter bytes that both cores' memory bandwidth pays for the second thread (decode
+step at 32 adapters: 141 -> 124 ms). At 8 adapters it made no difference, and each
+parallel call is a wake-up that other work on the machine (the event loop, clients) can
+delay, so fewer adapters stay serial.
 
 Used only where it applies (CPU, float32, one token per unit, numba importable); the
 torch band in lora.py covers everything else (CUDA, bf16, quantized bases that compute in
@@ -25,6 +26,8 @@ another dtype, classify batches).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -43,12 +46,17 @@ def available() -> bool:
 
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) both drivers now, so the first adapter
-    request does not wait ~3 s for it."""
+    request does not wait ~3 s for it, and see which threading layer numba picked."""
+    global _parallel_pays
     x = np.zeros((1, 4), dtype=np.float32)
     pool = np.zeros((2, 1, 4), dtype=np.float32)
     ranks, starts, units = np.array([0, 1]), np.array([0, 1]), np.array([0])
     _serial(x, x.copy(), pool, pool, ranks, np.array([1]), starts, units)
     _parallel(x, x.copy(), pool, pool, ranks, np.array([1]), starts, units)
+    # OpenMP (libgomp) or TBB threads wait for work briefly and cheaply. numba's fallback
+    # layer (workqueue: no libgomp on the machine) wakes its threads for every call; at
+    # 32 adapters that made a decode step slower than the serial loop (167-185 vs 135-190 ms).
+    _parallel_pays = numba.threading_layer() != "workqueue"
 
 
 if numba is not None:
@@ -124,12 +132,28 @@ if numba is not None:
 PARALLEL_FROM_SEGMENTS = 16
 
 
-def add_segment_lora(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units) -> None:
+# numba's default threading layer (workqueue) must not be entered by two threads at once,
+# which two engines in one process (tests, tools) could do; the second one runs serially.
+_parallel_lock = threading.Lock()
+_parallel_pays = False  # set by warm_up()
+
+
+def add_segment_lora(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units,
+                     threads: int) -> None:
     """out[u] += (x[u] @ A_s^T) @ (scale_s * B_s^T) for every unit u of every segment.
 
     x [units, in] and out [units, out] float32; pool_a [slots, r_cap, in]; pool_bt
     [slots, r_cap, out] holds scale * B^T; ranks [slots] (0: the slot skips this layer).
     Segment g is slot segment_slots[g] over units segment_units[starts[g]:starts[g+1]].
+    `threads`: the most the engine may use (its torch thread count).
     """
-    kernel = _parallel if segment_slots.shape[0] >= PARALLEL_FROM_SEGMENTS else _serial
-    kernel(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units)
+    args = (x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units)
+    many = segment_slots.shape[0] >= PARALLEL_FROM_SEGMENTS
+    if many and threads > 1 and _parallel_pays and _parallel_lock.acquire(blocking=False):
+        try:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
+            _parallel(*args)
+        finally:
+            _parallel_lock.release()
+    else:
+        _serial(*args)

@@ -288,7 +288,8 @@ class SlotLoRALinear(nn.Module):
             segments = plan.segments
             cpu_sgmv.add_segment_lora(
                 units.view(-1, self.in_features).numpy(), out_units.view(-1, self.out_features).numpy(),
-                self._pool_a_array, self._pool_bt_array, self.ranks, segments.slots, segments.starts, segments.units)
+                self._pool_a_array, self._pool_bt_array, self.ranks, segments.slots, segments.starts, segments.units,
+                threads=self.context.threads.heavy_threads)
             return
         if plan.band is not None:
             self._add_band(plan.band, units, out_units)

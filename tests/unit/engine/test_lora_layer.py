@@ -86,9 +86,9 @@ def test_packed_step_plan_decode_band_and_prompt_ranges(cpu_kernel, monkeypatch)
 
 
 def spy(function, calls: list):
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         calls.append(args)
-        return function(*args)
+        return function(*args, **kwargs)
     return wrapper
 
 
@@ -169,3 +169,38 @@ def test_thread_policy_small_ops_inside_blocks_heavy_ops_on_all_threads():
         assert torch.get_num_threads() == 2  # outside the blocks (embeddings, lm_head): all threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not cpu_sgmv.available(), reason="numba is not installed")
+def test_many_adapters_run_on_both_threads_with_the_serial_result_and_never_reenter_numba(monkeypatch):
+    """From PARALLEL_FROM_SEGMENTS adapters on, segments run in parallel: each writes only its
+    own rows, so the result is bit-identical to the serial loop. A second caller while one
+    holds the parallel path (two engines in one process) runs serially instead."""
+    generator = np.random.default_rng(5)
+    segments_count = cpu_sgmv.PARALLEL_FROM_SEGMENTS + 4
+    pool_a = generator.standard_normal((segments_count + 1, 8, 16)).astype(np.float32)
+    pool_bt = generator.standard_normal((segments_count + 1, 8, 24)).astype(np.float32)
+    ranks = np.full(segments_count + 1, 8, dtype=np.int64)
+    segments = LoRASegments.build([(slot, [slot - 1]) for slot in range(1, segments_count + 1)])
+    x = generator.standard_normal((segments_count, 16)).astype(np.float32)
+    args = (pool_a, pool_bt, ranks, segments.slots, segments.starts, segments.units)
+
+    cpu_sgmv.warm_up()
+    serial = np.zeros((segments_count, 24), dtype=np.float32)
+    cpu_sgmv._serial(x, serial, *args)
+    parallel_calls = []
+    monkeypatch.setattr(cpu_sgmv, "_parallel", spy(cpu_sgmv._parallel, parallel_calls))
+    parallel = np.zeros_like(serial)
+    cpu_sgmv.add_segment_lora(x, parallel, *args, threads=2)
+    np.testing.assert_array_equal(parallel, serial)
+    # Without OpenMP/TBB (numba's workqueue layer) the serial loop is the faster one.
+    assert len(parallel_calls) == (1 if cpu_sgmv._parallel_pays else 0)
+
+    with cpu_sgmv._parallel_lock:
+        while_held = np.zeros_like(serial)
+        cpu_sgmv.add_segment_lora(x, while_held, *args, threads=2)
+    np.testing.assert_array_equal(while_held, serial)
+    one_thread = np.zeros_like(serial)
+    cpu_sgmv.add_segment_lora(x, one_thread, *args, threads=1)
+    np.testing.assert_array_equal(one_thread, serial)
+    assert len(parallel_calls) == (1 if cpu_sgmv._parallel_pays else 0)
