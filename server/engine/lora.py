@@ -187,8 +187,9 @@ class LoRABatchPlan:
 
 class LoRAContext:
     """The current plan (None: every layer skips LoRA), the shared active positions, the
-    thread policy (base matmuls are heavy ops, the LoRA ops stay on one thread), and whether
-    float32 decode bands on CPU run the compiled kernel (cpu_sgmv) instead of torch ops."""
+    thread policy (base matmuls are heavy ops, the LoRA stays on one thread unless the CPU
+    kernel finds it worth both), and whether packed float32 steps on CPU run the compiled
+    kernel (cpu_sgmv) instead of torch ops."""
 
     def __init__(self, positions: int, threads: ThreadPolicy, cpu_kernel: bool) -> None:
         self.plan: LoRABatchPlan | None = None
