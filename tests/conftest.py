@@ -7,7 +7,6 @@ Everything is built in tmp dirs; nothing reaches a model hub.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
+from bench.run import free_port  # one helper for tests and bench: a free loopback port
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -142,12 +143,6 @@ def llama_adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
         "sentiment": make_lora(tiny_llama, store / "sentiment", task="SEQ_CLS", r=4, seed=3,
                                labels=["negative", "neutral", "positive"]),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
