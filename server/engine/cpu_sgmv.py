@@ -20,7 +20,7 @@ step at 32 adapters: 141 -> 124 ms). At 8 adapters it made no difference, and ea
 parallel call is a wake-up that other work on the machine (the event loop, clients) can
 delay, so fewer adapters stay serial.
 
-Used only where it applies (CPU, float32, one token per unit, numba importable); the
+Used only where it applies (CPU, float32, one token per unit, contiguous rows); the
 torch band in lora.py covers everything else (CUDA, bf16, quantized bases that compute in
 another dtype, classify batches).
 """
@@ -29,19 +29,88 @@ from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
-
-try:
-    import numba
-except ImportError:  # numba is a dependency; without it the torch band serves every layer
-    numba = None
 
 # Vectorised reductions need reassociation and FMA contraction; NaN/Inf semantics are kept.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
-def available() -> bool:
-    return numba is not None
+@numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, inline="always")
+def _dot4(x0, x1, x2, x3, a_row):
+    """Four tokens against one row of A: the row is loaded once for all four."""
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for k in range(a_row.shape[0]):
+        a = a_row[k]
+        s0 += x0[k] * a
+        s1 += x1[k] * a
+        s2 += x2[k] * a
+        s3 += x3[k] * a
+    return s0, s1, s2, s3
+
+@numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, inline="always")
+def _dot(x, a_row):
+    s = np.float32(0.0)
+    for k in range(a_row.shape[0]):
+        s += x[k] * a_row[k]
+    return s
+
+@numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, inline="always")
+def _add_segment(g, x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units, hidden):
+    slot = segment_slots[g]
+    rank = ranks[slot]
+    if rank == 0:
+        return
+    a = pool_a[slot]
+    bt = pool_bt[slot]
+    first, last = segment_starts[g], segment_starts[g + 1]
+    for block in range(first, last, 4):
+        count = min(4, last - block)
+        if count == 4:
+            x0, x1 = x[segment_units[block]], x[segment_units[block + 1]]
+            x2, x3 = x[segment_units[block + 2]], x[segment_units[block + 3]]
+            for j in range(rank):
+                hidden[0, j], hidden[1, j], hidden[2, j], hidden[3, j] = _dot4(x0, x1, x2, x3, a[j])
+        else:  # a short block (often a lone decode row): no repeated work
+            for t in range(count):
+                xt = x[segment_units[block + t]]
+                for j in range(rank):
+                    hidden[t, j] = _dot(xt, a[j])
+        for t in range(count):
+            target = out[segment_units[block + t]]
+            j = 0
+            while j + 4 <= rank:  # four rows of B^T per pass over the output row
+                h0, h1, h2, h3 = hidden[t, j], hidden[t, j + 1], hidden[t, j + 2], hidden[t, j + 3]
+                b0, b1, b2, b3 = bt[j], bt[j + 1], bt[j + 2], bt[j + 3]
+                for k in range(target.shape[0]):
+                    target[k] += h0 * b0[k] + h1 * b1[k] + h2 * b2[k] + h3 * b3[k]
+                j += 4
+            while j < rank:
+                h, b = hidden[t, j], bt[j]
+                for k in range(target.shape[0]):
+                    target[k] += h * b[k]
+                j += 1
+
+@numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False)
+def _serial(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units):
+    hidden = np.empty((4, pool_a.shape[1]), dtype=np.float32)
+    for g in range(segment_slots.shape[0]):
+        _add_segment(g, x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units, hidden)
+
+@numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, parallel=True)
+def _parallel(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units):
+    for g in numba.prange(segment_slots.shape[0]):  # segments write disjoint rows
+        hidden = np.empty((4, pool_a.shape[1]), dtype=np.float32)
+        _add_segment(g, x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units, hidden)
+
+
+PARALLEL_FROM_SEGMENTS = 16
+
+
+# numba's default threading layer (workqueue) must not be entered by two threads at once,
+# which two engines in one process (tests, tools) could do; the second one runs serially.
+_parallel_lock = threading.Lock()
+_parallel_pays = False  # set by warm_up()
 
 
 def warm_up() -> None:
@@ -57,85 +126,6 @@ def warm_up() -> None:
     # layer (workqueue: no libgomp on the machine) wakes its threads for every call; at
     # 32 adapters that made a decode step slower than the serial loop (167-185 vs 135-190 ms).
     _parallel_pays = numba.threading_layer() != "workqueue"
-
-
-if numba is not None:
-
-    @numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, inline="always")
-    def _dot4(x0, x1, x2, x3, a_row):
-        """Four tokens against one row of A: the row is loaded once for all four."""
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for k in range(a_row.shape[0]):
-            a = a_row[k]
-            s0 += x0[k] * a
-            s1 += x1[k] * a
-            s2 += x2[k] * a
-            s3 += x3[k] * a
-        return s0, s1, s2, s3
-
-    @numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, inline="always")
-    def _dot(x, a_row):
-        s = np.float32(0.0)
-        for k in range(a_row.shape[0]):
-            s += x[k] * a_row[k]
-        return s
-
-    @numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, inline="always")
-    def _add_segment(g, x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units, hidden):
-        slot = segment_slots[g]
-        rank = ranks[slot]
-        if rank == 0:
-            return
-        a = pool_a[slot]
-        bt = pool_bt[slot]
-        first, last = segment_starts[g], segment_starts[g + 1]
-        for block in range(first, last, 4):
-            count = min(4, last - block)
-            if count == 4:
-                x0, x1 = x[segment_units[block]], x[segment_units[block + 1]]
-                x2, x3 = x[segment_units[block + 2]], x[segment_units[block + 3]]
-                for j in range(rank):
-                    hidden[0, j], hidden[1, j], hidden[2, j], hidden[3, j] = _dot4(x0, x1, x2, x3, a[j])
-            else:  # a short block (often a lone decode row): no repeated work
-                for t in range(count):
-                    xt = x[segment_units[block + t]]
-                    for j in range(rank):
-                        hidden[t, j] = _dot(xt, a[j])
-            for t in range(count):
-                target = out[segment_units[block + t]]
-                j = 0
-                while j + 4 <= rank:  # four rows of B^T per pass over the output row
-                    h0, h1, h2, h3 = hidden[t, j], hidden[t, j + 1], hidden[t, j + 2], hidden[t, j + 3]
-                    b0, b1, b2, b3 = bt[j], bt[j + 1], bt[j + 2], bt[j + 3]
-                    for k in range(target.shape[0]):
-                        target[k] += h0 * b0[k] + h1 * b1[k] + h2 * b2[k] + h3 * b3[k]
-                    j += 4
-                while j < rank:
-                    h, b = hidden[t, j], bt[j]
-                    for k in range(target.shape[0]):
-                        target[k] += h * b[k]
-                    j += 1
-
-    @numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False)
-    def _serial(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units):
-        hidden = np.empty((4, pool_a.shape[1]), dtype=np.float32)
-        for g in range(segment_slots.shape[0]):
-            _add_segment(g, x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units, hidden)
-
-    @numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, parallel=True)
-    def _parallel(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units):
-        for g in numba.prange(segment_slots.shape[0]):  # segments write disjoint rows
-            hidden = np.empty((4, pool_a.shape[1]), dtype=np.float32)
-            _add_segment(g, x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units, hidden)
-
-
-PARALLEL_FROM_SEGMENTS = 16
-
-
-# numba's default threading layer (workqueue) must not be entered by two threads at once,
-# which two engines in one process (tests, tools) could do; the second one runs serially.
-_parallel_lock = threading.Lock()
-_parallel_pays = False  # set by warm_up()
 
 
 def add_segment_lora(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units,

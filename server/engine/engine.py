@@ -31,8 +31,8 @@ from server.contract import (
     GenerationRequest,
     TokenEvent,
 )
-from server.engine.base import BaseModelError, LoadedBase
 from server.engine import cpu_sgmv
+from server.engine.base import BaseModelError, LoadedBase
 from server.engine.cpu_threads import ThreadPolicy, block_list
 from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach, unsupported_reason
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora

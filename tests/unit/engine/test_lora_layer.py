@@ -99,7 +99,6 @@ def test_step_segments_group_decode_rows_by_slot_then_list_each_prompt():
     assert plan.segments.units.tolist() == [0, 3, 2, 4, 5, 6, 9, 10]  # the base's units are left out
 
 
-@pytest.mark.skipif(not cpu_sgmv.available(), reason="numba is not installed")
 @pytest.mark.parametrize("driver", ["_serial", "_parallel"])
 def test_cpu_kernel_equals_the_formula_for_every_segment_shape(driver):
     """Ranks that are not multiples of four, a rank of 0 (adapter skips the layer), lone rows,
@@ -171,7 +170,6 @@ def test_thread_policy_small_ops_inside_blocks_heavy_ops_on_all_threads():
         torch.set_num_threads(before)
 
 
-@pytest.mark.skipif(not cpu_sgmv.available(), reason="numba is not installed")
 def test_many_adapters_run_on_both_threads_with_the_serial_result_and_never_reenter_numba(monkeypatch):
     """From PARALLEL_FROM_SEGMENTS adapters on, segments run in parallel: each writes only its
     own rows, so the result is bit-identical to the serial loop. A second caller while one
