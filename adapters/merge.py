@@ -259,7 +259,7 @@ def _target_names(modules: dict[str, LoraModule], signature: BaseSignature | Non
         return tuple(sorted({n.rsplit(".", 1)[-1] for n in modules}))
     leaves = {n.rsplit(".", 1)[-1] for n in modules}
     complete = all(
-        all(n in modules for n in signature.linear_shapes if n.rsplit(".", 1)[-1] == leaf) for leaf in leaves
+        all(n in modules for n in signature.adaptable_modules if n.rsplit(".", 1)[-1] == leaf) for leaf in leaves
     )
     return tuple(sorted(leaves)) if complete else tuple(sorted(modules))
 
@@ -278,16 +278,23 @@ def write_peft_dir(package: AdapterPackage, directory: Path, signature: BaseSign
     for name, m in package.modules.items():
         if m.scale != 1.0:
             m = LoraModule(a=m.a, b=m.b * m.scale, scale=1.0)
-        tensors[f"{prefix}{name}.lora_A.weight"] = m.a.float().contiguous()
-        tensors[f"{prefix}{name}.lora_B.weight"] = m.b.float().contiguous()
+        a, b = m.a.float(), m.b.float()
+        conv = signature.conv_shapes.get(name)
+        if conv is not None:  # back to PEFT's conv layout: A [r, in, kh, kw], B [out, r, 1, 1]
+            a = a.reshape(m.rank, conv.in_channels, *conv.kernel)
+            b = b.reshape(conv.out_channels, m.rank, 1, 1)
+        tensors[f"{prefix}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{prefix}{name}.lora_B.weight"] = b.contiguous()
     if package.head is not None:
-        tensors[f"base_model.model.{signature.head_module}.weight"] = package.head.weight.float().contiguous()
+        head = ".".join(filter(None, [signature.head_module, signature.head_linear]))
+        tensors[f"base_model.model.{head}.weight"] = package.head.weight.float().contiguous()
         if package.head.bias is not None:
-            tensors[f"base_model.model.{signature.head_module}.bias"] = package.head.bias.float().contiguous()
+            tensors[f"base_model.model.{head}.bias"] = package.head.bias.float().contiguous()
     rank = max((m.rank for m in package.modules.values()), default=1)
     config = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if package.head is not None else "CAUSAL_LM",
+        # PEFT's SEQ_CLS wrapper feeds input_ids; image classifiers are wrapped without a task type.
+        "task_type": None if signature.kind == "vision" else "SEQ_CLS" if package.head is not None else "CAUSAL_LM",
         "r": rank,
         "lora_alpha": rank,
         "target_modules": list(_target_names(package.modules, signature)),

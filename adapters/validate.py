@@ -29,7 +29,7 @@ from adapters.package import (
     LoraModule,
     content_sha256,
 )
-from adapters.signature import BaseSignature
+from adapters.signature import BaseSignature, ConvShape
 
 # Files that would be unpickled by some loader: refused on sight, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -116,8 +116,8 @@ def load_adapter_dir(
         problems.append(
             f"task_type SEQ_CLS but no classifier head: modules_to_save must include {signature.head_module!r}"
         )
-    if task == "generate" and signature.kind == "encoder":
-        problems.append("an encoder base serves classification adapters only (task_type SEQ_CLS with a head)")
+    if task == "generate" and signature.kind != "decoder":
+        problems.append(f"an {signature.kind} base serves classification adapters only (a head in modules_to_save)")
     if not modules and head is None:
         problems.append("the adapter holds no LoRA weights and no head")
 
@@ -147,6 +147,8 @@ def load_adapter_dir(
         base_fingerprint=signature.fingerprint,
         labels=labels,
         created_at=previous.created_at if previous and previous.created_at else time.time(),
+        # How the trainer formatted prompts: the server checks requests against it.
+        prompt_format=previous.prompt_format if previous and task == "generate" else None,
         extra=previous.extra if previous else {},
     )
     return AdapterPackage(manifest, directory, modules, head, tuple(warnings))
@@ -166,7 +168,7 @@ def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
 
 def _check_config(config: dict[str, Any], signature: BaseSignature, limits: AdapterLimits, problems: list[str]) -> None:
     for key in sorted(CODE_KEYS & config.keys()):
-        if config[key]:
+        if config[key] and not (key == "auto_mapping" and _peft_class_record(config[key], signature)):
             problems.append(f"config key {key!r} is refused: adapters never bring code")
     unknown = sorted(config.keys() - _allowed_config_keys() - CODE_KEYS)
     if unknown:
@@ -202,7 +204,7 @@ def _check_config(config: dict[str, Any], signature: BaseSignature, limits: Adap
             problems.append(f"modules_to_save {module!r} is not served (only the classifier head)")
 
     targets = config.get("target_modules")
-    names = list(signature.linear_shapes)
+    names = signature.adaptable_modules
     if isinstance(targets, str):
         if targets != "all-linear":
             try:
@@ -212,11 +214,22 @@ def _check_config(config: dict[str, Any], signature: BaseSignature, limits: Adap
             else:
                 prefixed = [f"{signature.backbone_prefix}.{n}" for n in names]
                 if not any(regex.fullmatch(n) for n in names + prefixed):
-                    problems.append(f"target_modules {targets!r} matches no linear module of the base")
+                    problems.append(f"target_modules {targets!r} matches no adaptable module of the base")
     elif isinstance(targets, list):
         for target in targets:
             if not any(n == target or n.endswith("." + target) for n in names):
                 problems.append(f"target module {target!r} does not exist in the base")
+
+
+def _peft_class_record(auto_mapping: Any, signature: BaseSignature) -> bool:
+    """PEFT writes `auto_mapping` = {base_model_class, parent_library} for every adapter saved
+    without a task type, which is how image classifiers are wrapped. Naming a transformers
+    class is a record, not code: nothing here imports it. Accepted on vision bases only, so
+    text adapters validate exactly as before."""
+    return (signature.kind == "vision" and isinstance(auto_mapping, dict)
+            and set(auto_mapping) <= {"base_model_class", "parent_library"}
+            and str(auto_mapping.get("parent_library", "")).startswith("transformers.")
+            and str(auto_mapping.get("base_model_class", "")).isidentifier())
 
 
 def _read_tensors(path: Path, problems: list[str]) -> dict[str, torch.Tensor] | None:
@@ -237,10 +250,11 @@ def _canonical(key: str, signature: BaseSignature) -> str | None:
     return rest[len(prefix) :] if rest.startswith(prefix) else rest
 
 
-def _pattern_value(module: str, patterns: dict[str, Any], default: Any) -> Any:
-    """PEFT's rule: a pattern key matches a module whose name ends with it."""
+def _pattern_value(peft_name: str, patterns: dict[str, Any], default: Any) -> Any:
+    """PEFT's rule (`get_pattern_key`): a pattern key matches a module whose full name in the
+    model PEFT wrapped (`model.layers.0.self_attn.q_proj`) equals it or ends with `.` + it."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if re.match(rf"(.*\.)?({pattern})$", peft_name):
             return value
     return default
 
@@ -253,6 +267,9 @@ def _map_keys(
     problems: list[str],
 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    # Canonical module -> its name as PEFT saw it: rank_pattern/alpha_pattern keys match that
+    # name, which keeps the backbone prefix (`model.layers.1.mlp.down_proj`).
+    peft_names: dict[str, str] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if tensor.dtype not in ALLOWED_DTYPES:
@@ -268,8 +285,10 @@ def _map_keys(
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
         if match:
             pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+            full = key[len("base_model.model.") :]
+            peft_names[match.group(1)] = full[: len(full) - len(name)] + match.group(1)
         elif name.split(".")[0] == signature.head_module:
-            head[name[len(signature.head_module) + 1 :]] = tensor
+            head[_head_tensor_name(name, signature)] = tensor
         else:
             problems.append(f"{key}: maps to no module this engine can serve")
 
@@ -278,32 +297,67 @@ def _map_keys(
     default_alpha = config.get("lora_alpha", 8)
     modules: dict[str, LoraModule] = {}
     for module, pair in sorted(pairs.items()):
-        if module not in signature.linear_shapes:
-            problems.append(f"{module}: not a linear module of the base")
+        if module not in signature.linear_shapes and module not in signature.conv_shapes:
+            kinds = "linear or convolution" if signature.conv_shapes else "linear"
+            problems.append(f"{module}: not a {kinds} module of the base")
             continue
         if set(pair) != {"A", "B"}:
             problems.append(f"{module}: lora_A and lora_B must both be present")
             continue
-        in_features, out_features = signature.linear_shapes[module]
-        a, b = pair["A"], pair["B"]
-        rank = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or a.shape[1] != in_features:
-            problems.append(f"{module}: lora_A shape {tuple(a.shape)} does not fit [r, {in_features}]")
-            continue
-        if b.dim() != 2 or tuple(b.shape) != (out_features, rank):
-            problems.append(f"{module}: lora_B shape {tuple(b.shape)} does not fit [{out_features}, {rank}]")
-            continue
+        if module in signature.conv_shapes:
+            flat = _conv_pair(module, pair["A"], pair["B"], signature.conv_shapes[module], problems)
+            if flat is None:
+                continue
+            a, b = flat
+            rank = a.shape[0]
+        else:
+            in_features, out_features = signature.linear_shapes[module]
+            a, b = pair["A"], pair["B"]
+            rank = a.shape[0] if a.dim() == 2 else -1
+            if a.dim() != 2 or a.shape[1] != in_features:
+                problems.append(f"{module}: lora_A shape {tuple(a.shape)} does not fit [r, {in_features}]")
+                continue
+            if b.dim() != 2 or tuple(b.shape) != (out_features, rank):
+                problems.append(f"{module}: lora_B shape {tuple(b.shape)} does not fit [{out_features}, {rank}]")
+                continue
         if not 0 < rank <= limits.max_rank:
             problems.append(f"{module}: rank {rank} must satisfy 0 < r <= {limits.max_rank}")
             continue
-        expected_rank = _pattern_value(module, config.get("rank_pattern") or {}, default_rank)
+        expected_rank = _pattern_value(peft_names[module], config.get("rank_pattern") or {}, default_rank)
         if rank != expected_rank:
             problems.append(f"{module}: tensor rank {rank} differs from the config's r={expected_rank}")
             continue
-        alpha = _pattern_value(module, config.get("alpha_pattern") or {}, default_alpha)
+        alpha = _pattern_value(peft_names[module], config.get("alpha_pattern") or {}, default_alpha)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         modules[module] = LoraModule(a=a, b=b, scale=float(scale))
     return modules, head
+
+
+def _conv_pair(
+    module: str, a: torch.Tensor, b: torch.Tensor, shape: ConvShape, problems: list[str]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PEFT's conv LoRA, lora_A [r, in, kh, kw] and lora_B [out, r, 1, 1], checked and flattened
+    to the [r, in*kh*kw] and [out, r] every LoraModule holds (delta-W as one matrix, so merges
+    treat convolutions like linears; the engine folds A back into a kernel)."""
+    if shape.groups != 1:
+        problems.append(f"{module}: LoRA on a grouped convolution (groups={shape.groups}, e.g. depthwise) is not served")
+        return None
+    kh, kw = shape.kernel
+    rank = a.shape[0] if a.dim() == 4 else -1
+    if a.dim() != 4 or tuple(a.shape[1:]) != (shape.in_channels, kh, kw):
+        problems.append(f"{module}: lora_A shape {tuple(a.shape)} does not fit [r, {shape.in_channels}, {kh}, {kw}]")
+        return None
+    if b.dim() != 4 or tuple(b.shape) != (shape.out_channels, rank, 1, 1):
+        problems.append(f"{module}: lora_B shape {tuple(b.shape)} does not fit [{shape.out_channels}, {rank}, 1, 1]")
+        return None
+    return a.reshape(rank, -1), b.reshape(shape.out_channels, rank)
+
+
+def _head_tensor_name(name: str, signature: BaseSignature) -> str:
+    """`classifier.weight` -> `weight`; with a head inside a container (`classifier.1.weight`) too."""
+    rest = name[len(signature.head_module) + 1 :]
+    inner = signature.head_linear + "."
+    return rest[len(inner) :] if signature.head_linear and rest.startswith(inner) else rest
 
 
 def _check_head(head: dict[str, torch.Tensor], signature: BaseSignature, problems: list[str]) -> ClassifierHead | None:

@@ -69,7 +69,10 @@ class TokenEvent:
 @dataclass(frozen=True)
 class ClassifyItem:
     text: str
-    adapter: AdapterBinding
+    adapter: AdapterBinding | None  # None: the base's own head (vision bases that have one)
+    # A vision base's input instead of `text`: one preprocessed image, a numpy float32
+    # array [3, height, width] (adapters.images.Preprocessing), decoded off the engine thread.
+    pixels: Any = None
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,14 @@ class ClassifyResult:
 @dataclass(frozen=True)
 class EngineInfo:
     base_id: str
-    kind: Literal["decoder", "encoder"]
+    kind: Literal["decoder", "encoder", "vision"]
     max_context: int
     device: str
     dtype: str
     quantization: str
     max_device_adapters: int
     has_chat_template: bool
+    base_labels: tuple[str, ...] = ()  # labels of a head the base itself has (vision); empty: none
 
 
 class Engine(Protocol):
