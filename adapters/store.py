@@ -1,4 +1,11 @@
-"""AdapterStore: where adapter versions live, shared by every replica that mounts it.
+"""AdapterStore: where adapter versions live, shared by every replica that uses it.
+
+Two implementations: LocalStore here (a directory, possibly an RWX volume shared by
+replicas) and S3Store in adapters/s3_store.py (S3-compatible object storage, read through
+a local disk cache). Both keep the same guarantees: versions are immutable and
+content-addressed, a version is visible only once complete, the current alias and pins are
+small records changed atomically, and small documents (the task routes) beside the adapters
+change by read-modify-write that never loses a concurrent writer's change.
 
 Layout of a LocalStore root (a local disk or an RWX volume shared by replicas):
 
@@ -9,6 +16,7 @@ Layout of a LocalStore root (a local disk or an RWX volume shared by replicas):
     <root>/<name>/CURRENT                   the current version id (replaced atomically)
     <root>/<name>/PINNED                    present = keep resident on every replica
     <root>/<name>/adapter_config.json       a hand-dropped PEFT folder: one version
+    <root>/.<document>                      a small document (`.routes.json`), replaced atomically
 
 Every change is a single rename (os.replace) of something fully written and fsynced
 beforehand, so a reader on any replica sees a version either complete or not at all, and
@@ -18,10 +26,12 @@ Version ids are content hashes, so two replicas publishing the same bytes agree.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -29,7 +39,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest
 from adapters.package import NAME_PATTERN, content_sha256
@@ -43,10 +53,20 @@ CURRENT_FILE = "CURRENT"
 PINNED_FILE = "PINNED"
 # Staging from another host cannot be checked for liveness; past this age it is debris.
 STALE_STAGING_S = 3600.0
+# Documents are dot names, so a scan for adapters never reads one as an adapter.
+DOCUMENT_PATTERN = re.compile(r"^\.[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 class StoreError(Exception):
-    """A store operation that cannot be done as asked (unknown name or version)."""
+    """A store operation that cannot be done as asked (unknown name or version, a lost race)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached (network, credentials, a missing bucket): nothing was changed."""
+
+
+class VersionCorrupt(Exception):
+    """A version's bytes do not match the content hash its manifest records."""
 
 
 @dataclass(frozen=True)
@@ -73,11 +93,25 @@ class PutResult:
     created: bool  # False: these exact bytes were already stored under this name
 
 
+@dataclass(frozen=True)
+class StoredDocument:
+    text: str
+    stamp: str  # changes whenever the text does
+
+
 class AdapterStore(Protocol):
-    """What the registry needs from a store; LocalStore is the one implementation today."""
+    """What the registry and the route table need from a store.
+
+    Every method may raise StoreUnavailable (a remote store that cannot be reached); none
+    leaves a half-made change visible when it does.
+    """
 
     def snapshot(self) -> dict[str, StoredAdapter]:
         """Every adapter name with its versions, current version and pin, as stored now."""
+
+    @contextmanager
+    def open_version(self, version: StoredVersion) -> Iterator[Path]:
+        """The version's files in a local directory, which stays in place until the block exits."""
 
     @contextmanager
     def staging(self) -> Iterator[Path]:
@@ -96,12 +130,21 @@ class AdapterStore(Protocol):
     def cleanup(self) -> None:
         """Remove debris left by processes that died mid-write."""
 
+    def document_stamp(self, key: str) -> str | None:
+        """Cheap check: the stamp of document `key` (a dot name), None if there is none."""
+
+    def read_document(self, key: str) -> StoredDocument | None: ...
+
+    def update_document(self, key: str, change: Callable[[str | None], str]) -> None:
+        """Replace document `key` with change(current text); a concurrent update is never lost
+        (`change` runs again on the newer text when another writer got in first)."""
+
 
 def _owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -151,7 +194,7 @@ class LocalStore:
         for entry in self.tmp.iterdir():
             owner_host, _, pid = entry.name.rpartition("-")
             if owner_host == host and pid.isdigit():
-                stale = not _pid_alive(int(pid)) or int(pid) == os.getpid()
+                stale = not pid_alive(int(pid)) or int(pid) == os.getpid()
             else:
                 stale = now - entry.stat().st_mtime > STALE_STAGING_S
             if stale:
@@ -223,6 +266,10 @@ class LocalStore:
             self._folder_hashes[directory] = cached
         # A trainer-written manifest.json is provenance only; the files decide the version.
         return StoredVersion(directory.name, cached[1][:12], directory, None, stats[-1][1] / 1e9)
+
+    @contextmanager
+    def open_version(self, version: StoredVersion) -> Iterator[Path]:
+        yield version.directory  # already local; deletes rename it away, never edit it in place
 
     # --- writing --------------------------------------------------------------------------
 
@@ -296,6 +343,36 @@ class LocalStore:
             self._tombstone(chosen.directory)
         return self._read_name(directory).current
 
+    # --- documents --------------------------------------------------------------------------
+
+    def document_stamp(self, key: str) -> str | None:
+        try:
+            stat = (self.root / document_key(key)).stat()
+        except FileNotFoundError:
+            return None
+        # The inode too: a replacement written within the clock's granularity still differs.
+        return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
+
+    def read_document(self, key: str) -> StoredDocument | None:
+        path = self.root / document_key(key)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                stat = os.fstat(fh.fileno())
+                return StoredDocument(fh.read(), f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}")
+        except FileNotFoundError:
+            return None
+
+    def update_document(self, key: str, change: Callable[[str | None], str]) -> None:
+        path = self.root / document_key(key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Replicas sharing the directory serialise on the lock; the rename publishes.
+        with open(self.root / f"{key}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._write_atomic(path, change(_read_text_raw(path)))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _require(self, name: str) -> StoredAdapter:
         stored = self._read_name(self.root / name) if NAME_PATTERN.fullmatch(name) else None
         if stored is None:
@@ -333,6 +410,19 @@ class LocalStore:
                 os.rename(directory / filename, grave / filename)
         _fsync_dir(directory)
         _remove(grave)
+
+
+def document_key(key: str) -> str:
+    if not DOCUMENT_PATTERN.fullmatch(key):
+        raise StoreError(f"invalid document name {key!r}")
+    return key
+
+
+def _read_text_raw(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
 
 
 def _config_only_sha(config: Path) -> str:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,7 +40,22 @@ class Settings(BaseSettings):
     )
     adapters_dir: Path = Field(
         default_factory=lambda: _user_data_dir() / "adapters",
-        description="Adapter store: every PEFT adapter folder in it is registered at start.",
+        description="Adapter store (unless adapters_store is set): every PEFT adapter folder in it is registered.",
+    )
+    adapters_store: str | None = Field(
+        None,
+        description="Adapter store on S3-compatible object storage, s3://<bucket>[/<prefix>], instead of "
+        "adapters_dir: replicas share the bucket, not a filesystem. Endpoint, region and credentials come from "
+        "boto3's standard chain (AWS_ENDPOINT_URL for MinIO/Ceph/GCS, AWS_REGION, AWS_ACCESS_KEY_ID, roles).",
+    )
+    store_cache_dir: Path | None = Field(
+        None,
+        description="Local disk cache of the versions read from adapters_store (kept across restarts); "
+        "None = <cache_dir>/adapter-store/<bucket>/<prefix>.",
+    )
+    store_cache_bytes: int = Field(
+        10 * 1024**3, ge=0,
+        description="Byte budget of that disk cache (least recently used versions go first; versions in use stay).",
     )
     install_example_adapters: bool = Field(
         True,
@@ -64,7 +79,8 @@ class Settings(BaseSettings):
     )
     store_poll_interval_s: float = Field(
         1.0, gt=0, le=60,
-        description="How often the adapter store is rescanned, so replicas sharing it converge.",
+        description="How often the adapter store is rescanned (one LIST on object storage when nothing "
+        "changed), so replicas sharing it converge.",
     )
 
     # --- task routes and merges ----------------------------------------------------------
@@ -140,3 +156,12 @@ class Settings(BaseSettings):
         20, ge=1, le=1000, description="Adapters that keep their own metric label (busiest first); the rest are `other`."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator("adapters_store")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from adapters.s3_store import parse_s3_url  # boto3 is imported only when an S3 store is used
+
+            parse_s3_url(value)
+        return value

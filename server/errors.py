@@ -107,6 +107,17 @@ class AdapterLoadFailed(AdaptserveError):
     code = "adapter_load_failed"
 
 
+class AdapterStoreUnavailable(AdaptserveError):
+    """The adapter store cannot be reached (object storage down, credentials refused).
+
+    503 with Retry-After: adapters already in this replica's memory or disk cache keep
+    serving; one that must be read from the store, and every change to the store, waits
+    for the store to come back.
+    """
+
+    code = "adapter_store_unavailable"
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """MemoryError (host) or torch.OutOfMemoryError (device), matched by class name so the
     API side never imports torch."""
@@ -131,6 +142,7 @@ ERROR_STATUS: dict[type[AdaptserveError], int] = {
     AdapterConflict: 409,
     InsufficientStorage: 507,
     AdapterLoadFailed: 503,
+    AdapterStoreUnavailable: 503,
     GenerationFailed: 500,
 }
 

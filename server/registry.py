@@ -1,11 +1,16 @@
 """Adapter registry: name -> versions -> tier. The only writer of adapter state.
 
-The store (disk, possibly shared by replicas) is the source of truth for which versions
-exist, which one is current and what is pinned; this process mirrors it by rescanning
-every `store_poll_interval_s`, so changes made through any replica converge here. On top
-it keeps two memory tiers, each LRU under a byte budget, pinned adapters exempt:
+The store (a directory possibly shared by replicas, or object storage) is the source of
+truth for which versions exist, which one is current and what is pinned; this process
+mirrors it by rescanning every `store_poll_interval_s`, so changes made through any
+replica converge here. On top it keeps two memory tiers, each LRU under a byte budget,
+pinned adapters exempt:
 
-    stored --(read + validate, worker thread)--> cpu --(copy into a slot, engine thread)--> device
+    stored --(store.open_version + validate, worker thread)--> cpu --(copy into a slot, engine thread)--> device
+
+While the store cannot be reached, the mirror keeps its last state: versions in a memory
+tier (or in an object store's local disk cache) keep serving, the rest answer 503
+`adapter_store_unavailable`.
 
 Versions are content-addressed (sha256 of config + weights) and a binding holds its
 package, so a request keeps the exact bytes it started with while a new version, a
@@ -26,7 +31,7 @@ from typing import Any
 from adapters.manifest import AdapterManifest
 from adapters.package import AdapterInvalid, AdapterPackage
 from adapters.signature import BaseSignature
-from adapters.store import AdapterStore, StoredAdapter, StoredVersion, StoreError
+from adapters.store import AdapterStore, StoredAdapter, StoredVersion, StoreError, StoreUnavailable, VersionCorrupt
 from adapters.validate import AdapterLimits, load_adapter_dir
 from server.contract import AdapterBinding, Engine
 from server.errors import (
@@ -34,6 +39,7 @@ from server.errors import (
     AdapterLoadFailed,
     AdapterNotFound,
     AdapterRejected,
+    AdapterStoreUnavailable,
     AdapterVersionNotFound,
     is_out_of_memory,
 )
@@ -52,7 +58,7 @@ class AdapterTier(str, enum.Enum):
 @dataclass
 class AdapterVersion:
     manifest: AdapterManifest
-    directory: Path
+    stored: StoredVersion  # what the store hands to open_version
     package: AdapterPackage | None = None  # present while in the CPU tier
     warnings: tuple[str, ...] = ()
     requests: int = 0
@@ -61,6 +67,10 @@ class AdapterVersion:
     @property
     def key(self) -> str:
         return self.manifest.sha256
+
+    @property
+    def directory(self) -> Path:
+        return self.stored.directory
 
     @property
     def nbytes(self) -> int:
@@ -159,7 +169,7 @@ class Registry:
     async def refresh(self) -> None:
         """Bring this process's view in line with the store, then apply the budgets and pins."""
         async with self._refresh_lock:
-            snapshot = await asyncio.to_thread(self.store.snapshot)
+            snapshot = await self._store_call(self.store.snapshot)
             validated: dict[tuple[str, str], AdapterPackage] = {}
             for stored in snapshot.values():
                 for version in stored.versions.values():
@@ -184,7 +194,8 @@ class Registry:
 
     def _validate_folder(self, version: StoredVersion) -> AdapterPackage | None:
         try:
-            package = load_adapter_dir(version.directory, version.name, self.signature, self.limits)
+            with self.store.open_version(version) as directory:
+                package = load_adapter_dir(directory, version.name, self.signature, self.limits)
         except AdapterInvalid as exc:
             self._reject(version, exc.problems)
             return None
@@ -217,9 +228,7 @@ class Registry:
                     continue
                 package = validated.get((name, version))
                 manifest = package.manifest if package is not None else item.manifest
-                entry.versions[version] = AdapterVersion(
-                    manifest, item.directory, package, package.warnings if package else ()
-                )
+                entry.versions[version] = AdapterVersion(manifest, item, package, package.warnings if package else ())
                 logger.info("adapter %s registered (%s, r=%d)", manifest.ref, manifest.task, manifest.rank)
             if not entry.versions:
                 self.entries.pop(name, None)
@@ -234,11 +243,14 @@ class Registry:
             self.entries[name] = entry
 
     async def watch(self, interval_s: float) -> None:
-        """Rescan forever; a failed scan (a flaky network volume) is logged and retried."""
+        """Rescan forever; a failed scan (a flaky network volume, an object store outage) is
+        logged and retried, and this process keeps serving from its last view meanwhile."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.refresh()
+            except AdapterStoreUnavailable as exc:
+                logger.warning("adapter store rescan failed, retrying: %s", exc.message)
             except Exception:
                 logger.exception("adapter store rescan failed; retrying")
 
@@ -283,10 +295,21 @@ class Registry:
 
     async def _load(self, chosen: AdapterVersion) -> AdapterPackage:
         started = time.monotonic()
+
+        def read() -> AdapterPackage:
+            with self.store.open_version(chosen.stored) as directory:
+                return load_adapter_dir(directory, chosen.manifest.name, self.signature, self.limits)
+
         try:
-            package = await asyncio.to_thread(
-                load_adapter_dir, chosen.directory, chosen.manifest.name, self.signature, self.limits
-            )
+            package = await asyncio.to_thread(read)
+        except StoreUnavailable as exc:
+            raise AdapterStoreUnavailable(
+                f"adapter {chosen.manifest.ref} is not in this replica's memory or disk cache, and the adapter "
+                f"store cannot be reached; retry later", details=[str(exc)], param="adapter",
+                headers={"Retry-After": "5"}) from exc
+        except VersionCorrupt as exc:
+            raise AdapterRejected(f"stored adapter {chosen.manifest.ref} does not match its content hash",
+                                  details=[str(exc)], param="adapter") from exc
         except AdapterInvalid as exc:
             raise AdapterRejected(
                 f"stored adapter {chosen.manifest.ref} failed validation", details=exc.problems, param="adapter"
@@ -364,7 +387,7 @@ class Registry:
             package = await self._ensure_cpu(version)
             manifest = package.manifest
             await self._ensure_device(AdapterBinding(manifest.name, manifest.version, manifest.sha256, package))
-        except (AdapterRejected, AdapterNotFound, AdapterLoadFailed):
+        except (AdapterRejected, AdapterNotFound, AdapterLoadFailed, AdapterStoreUnavailable):
             logger.exception("adapter %s cannot be warmed", version.manifest.ref)
 
     async def _enforce_device(self, by_lru: list[tuple[AdapterEntry, AdapterVersion]], pinned: set[str]) -> None:
@@ -446,7 +469,7 @@ class Registry:
         except AdapterInvalid as exc:
             raise AdapterRejected(f"adapter {name!r} is invalid", details=exc.problems) from exc
         manifest = AdapterManifest.from_dict({**package.manifest.to_dict(), "created_at": time.time()})
-        result = await asyncio.to_thread(self.store.put, name, staged, manifest)
+        result = await self._store_call(self.store.put, name, staged, manifest)
         await self.refresh()
         version = self.entry(name).versions[result.version.version]
         if version.package is None:
@@ -514,3 +537,5 @@ class Registry:
         except StoreError as exc:
             # Another replica changed the store between our lookup and this call.
             raise AdapterConflict(str(exc)) from exc
+        except StoreUnavailable as exc:
+            raise AdapterStoreUnavailable(str(exc), headers={"Retry-After": "5"}) from exc

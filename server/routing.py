@@ -4,10 +4,11 @@ Callers say *what* they want (`task: "sentiment"`); operators decide which adapt
 serves it. A route is plain data; choosing a target is a pure function of the route and
 an optional sticky key, so every replica maps one key to the same side of a split.
 
-Routes persist as one JSON file in the adapter store (`<store>/.routes.json`, skipped by
-the store's scan because of the dot), replaced atomically, so every replica sharing the
-store converges by re-reading it when its mtime changes. A routes file given at start
-(YAML or JSON, same shape) is applied then: its tasks overwrite the stored ones.
+Routes persist as one JSON document in the adapter store (`.routes.json`: a file in a
+directory store, an object on object storage; the dot keeps it out of the adapter scan).
+Every replica sharing the store converges by re-reading it when its stamp changes. A
+routes file given at start (YAML or JSON, same shape) is applied then: its tasks overwrite
+the stored ones.
 
 File shape (also the body of `PUT /v1/routes/{task}`, without the task key):
 
@@ -19,25 +20,22 @@ File shape (also the body of `PUT /v1/routes/{task}`, without the task key):
 
 from __future__ import annotations
 
-import fcntl
+import asyncio
 import hashlib
 import json
 import logging
 import math
-import os
 import random
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from adapters.package import NAME_PATTERN
+from adapters.store import AdapterStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-ROUTES_FILE = ".routes.json"
-LOCK_FILE = ".routes.lock"
+ROUTES_DOCUMENT = ".routes.json"
 BASE_FALLBACK = "base"  # a fallback naming this serves the base model without an adapter
 MAX_TARGETS = 16
 
@@ -161,47 +159,52 @@ def load_routes_file(path: Path) -> dict[str, Route]:
 
 
 class RouteTable:
-    """This process's view of the stored routes, re-read when the file changes.
+    """This process's view of the stored routes; reads never touch the store.
 
-    Reads stat the file at most once per `poll_interval_s`, so a change made through any
-    replica is seen here within that interval, without a watcher task. Writes take an
-    exclusive lock for the read-modify-write, then publish by rename (readers see the old
-    or the new document, never half of one).
+    `reload` (run by `watch` every store poll interval, in a worker thread) re-reads the
+    document when its stamp changed, so a change made through any replica is seen here
+    within that interval. Writes are the store's read-modify-write of the document (a lock
+    on a directory store, compare-and-swap on object storage): two replicas changing
+    different routes at once keep both changes.
     """
 
-    def __init__(self, store_dir: Path, poll_interval_s: float = 1.0):
-        self.path = Path(store_dir) / ROUTES_FILE
-        self.lock_path = Path(store_dir) / LOCK_FILE
-        self.poll_interval_s = poll_interval_s
+    def __init__(self, store: AdapterStore):
+        self.store = store
         self._routes: dict[str, Route] = {}
-        self._stamp: tuple[int, int] | None = None
-        self._checked = -math.inf
+        self._stamp: str | None = None
 
     def routes(self) -> dict[str, Route]:
-        now = time.monotonic()
-        if now - self._checked >= self.poll_interval_s:
-            self._checked = now
-            self._reload()
         return self._routes
 
     def get(self, task: str) -> Route | None:
-        return self.routes().get(task)
+        return self._routes.get(task)
 
-    def _reload(self) -> None:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
+    def reload(self) -> None:
+        """Blocking (store IO): call from a worker thread."""
+        stamp = self.store.document_stamp(ROUTES_DOCUMENT)
+        if stamp is not None and stamp == self._stamp:
+            return
+        document = self.store.read_document(ROUTES_DOCUMENT) if stamp is not None else None
+        if document is None:
             self._routes, self._stamp = {}, None
             return
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
-            return
         try:
-            self._routes = parse_routes(json.loads(self.path.read_text(encoding="utf-8")))
+            self._routes = parse_routes(json.loads(document.text))
         except (ValueError, RouteInvalid):
             # Keep serving the last good routes; a hand edit gone wrong must not drop them all.
-            logger.exception("stored routes %s are unreadable; keeping the previous ones", self.path)
-        self._stamp = stamp
+            logger.exception("stored routes %s are unreadable; keeping the previous ones", ROUTES_DOCUMENT)
+        self._stamp = document.stamp
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload forever; while the store is unreachable the last routes keep serving."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.reload)
+            except StoreUnavailable as exc:
+                logger.warning("stored routes not reloaded, retrying: %s", exc)
+            except Exception:
+                logger.exception("stored routes not reloaded; retrying")
 
     def put(self, route: Route) -> None:
         self._update(lambda routes: {**routes, route.task: route})
@@ -220,22 +223,19 @@ class RouteTable:
         self._update(without)
         return found
 
-    def _update(self, change) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    def _update(self, change: Callable[[dict[str, Route]], dict[str, Route]]) -> None:
+        """Blocking. `change` applies to the newest stored routes (it may run again when
+        another writer got in first), or to the last good ones when the stored text is broken."""
+        written: dict[str, Route] = {}
+
+        def apply(text: str | None) -> str:
+            nonlocal written
             try:
-                self._checked = -math.inf
-                self._stamp = None  # read the newest, whatever another replica wrote
-                self.routes()
-                routes = change(dict(self._routes))
-                document = {task: routes[task].to_dict() for task in sorted(routes)}
-                temporary = self.path.with_name(f"{ROUTES_FILE}.{uuid.uuid4().hex}.tmp")
-                with open(temporary, "w", encoding="utf-8") as fh:
-                    json.dump(document, fh, indent=2, sort_keys=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(temporary, self.path)
-                self._routes, self._stamp = routes, None
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                stored = parse_routes(json.loads(text)) if text is not None else {}
+            except (ValueError, RouteInvalid):
+                stored = dict(self._routes)
+            written = change(stored)
+            return json.dumps({task: written[task].to_dict() for task in sorted(written)}, indent=2, sort_keys=True)
+
+        self.store.update_document(ROUTES_DOCUMENT, apply)
+        self._routes, self._stamp = written, None  # the next reload reads what the store holds

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adapters.manifest import MANIFEST_FILE, AdapterManifest
-from adapters.store import LocalStore
+from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest
+from adapters.store import AdapterStore, LocalStore
 from adapters.validate import AdapterLimits
 from server.config import Settings
 from server.contract import Engine, EngineInfo, GenerationRequest, SamplingParams
@@ -40,6 +40,18 @@ def default_engine_factory(settings: Settings) -> Engine:
     return build_engine(settings)
 
 
+def open_store(settings: Settings) -> AdapterStore:
+    """Object storage when `adapters_store` is set (read through a local disk cache), else `adapters_dir`."""
+    if settings.adapters_store is None:
+        return LocalStore(settings.adapters_dir)
+    from adapters.s3_store import S3Store, parse_s3_url  # boto3 is imported only for an S3 store
+    from adapters.version_cache import VersionCache
+
+    bucket, prefix = parse_s3_url(settings.adapters_store)
+    cache_dir = settings.store_cache_dir or settings.cache_dir / "adapter-store" / bucket / prefix
+    return S3Store(settings.adapters_store, VersionCache(cache_dir, settings.store_cache_bytes))
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -49,7 +61,7 @@ class Services:
     registry: Registry | None = None
     inference: InferenceService | None = None
     routes: RouteTable | None = None
-    watcher: asyncio.Task | None = None  # rescans the adapter store so replicas converge
+    watchers: list[asyncio.Task] = field(default_factory=list)  # rescan the store so replicas converge
     ready: bool = False
     draining: bool = False
     boot_error: str | None = None
@@ -67,16 +79,18 @@ class Services:
             self.engine = await asyncio.to_thread(engine_factory, self.settings)
             signature = self.engine.signature
             limits = AdapterLimits(max_rank=self.settings.max_lora_rank)
-            store = LocalStore(self.settings.adapters_dir)
-            # Before anything reads the store: debris of a process killed mid-upload goes first.
+            store = open_store(self.settings)
+            # Before anything reads the store: debris of a process killed mid-upload goes first
+            # (and an object store that cannot be reached stops the start here, saying why).
             await asyncio.to_thread(store.cleanup)
             self.registry = Registry(
                 store, signature, limits, cpu_budget_bytes=self.settings.cpu_cache_bytes,
                 device_budget_bytes=self.settings.device_cache_bytes, metrics=self.metrics,
             )
             if self.settings.install_example_adapters:
-                await asyncio.to_thread(install_example_adapters, self.settings.adapters_dir, signature.canonical_id)
-            self.routes = RouteTable(self.settings.adapters_dir, self.settings.store_poll_interval_s)
+                await install_example_adapters(self.registry, signature.canonical_id)
+            self.routes = RouteTable(store)
+            await asyncio.to_thread(self.routes.reload)
             if self.settings.routes_file is not None:
                 # A bad file stops the start: better than serving with routes silently missing.
                 await asyncio.to_thread(self.routes.put_many, load_routes_file(self.settings.routes_file))
@@ -85,7 +99,9 @@ class Services:
             # The device tier first, so the first scan already warms pinned adapters into slots.
             self.registry.device = DeviceTier(self.engine, self.scheduler)
             await self.registry.refresh()
-            self.watcher = asyncio.create_task(self.registry.watch(self.settings.store_poll_interval_s))
+            interval = self.settings.store_poll_interval_s
+            self.watchers = [asyncio.create_task(self.registry.watch(interval)),
+                             asyncio.create_task(self.routes.watch(interval))]
             self.inference = InferenceService(
                 self.settings, self.engine.info, self.engine, self.registry, self.scheduler, self.metrics,
                 routes=self.routes,
@@ -109,8 +125,8 @@ class Services:
             pass
 
     def shutdown(self) -> None:
-        if self.watcher is not None:
-            self.watcher.cancel()
+        for watcher in self.watchers:
+            watcher.cancel()
         if self.scheduler is not None:
             self.scheduler.stop()
 
@@ -137,17 +153,21 @@ class Services:
         )
 
 
-def install_example_adapters(store: Path, base_id: str) -> None:
-    """Copy shipped example adapters made for this base into the store, once, atomically."""
+async def install_example_adapters(registry: Registry, base_id: str) -> None:
+    """Publish the shipped example adapters made for this base into a store that lacks them.
+
+    Through the registry like an upload (validated, content-addressed), so it works on
+    every store, and replicas starting together publish one identical version.
+    """
     if not EXAMPLE_ADAPTERS_DIR.is_dir():
         return
-    store.mkdir(parents=True, exist_ok=True)
+    stored = await asyncio.to_thread(registry.store.snapshot)
     for source in sorted(p for p in EXAMPLE_ADAPTERS_DIR.iterdir() if (p / MANIFEST_FILE).is_file()):
         manifest = AdapterManifest.from_dict(json.loads((source / MANIFEST_FILE).read_text()))
-        if manifest.base_model != base_id or (store / source.name).exists():
+        if manifest.base_model != base_id or source.name in stored:
             continue
-        staging = store / f".{source.name}.installing"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        staging.rename(store / source.name)
-        logger.info("installed example adapter %s into %s", source.name, store)
+        with registry.store.staging() as staging:
+            for filename in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+                shutil.copyfile(source / filename, staging / filename)
+            version, _ = await registry.publish(source.name, staging)
+        logger.info("installed example adapter %s into the store", version.manifest.ref)

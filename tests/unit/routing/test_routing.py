@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from adapters.store import LocalStore
 from server.config import Settings
 from server.contract import AdapterBinding
 from server.errors import AdapterNotFound, AdapterRejected
@@ -36,7 +37,7 @@ class FakeRegistry:
 
 
 def service(tmp_path, routes: dict) -> InferenceService:
-    table = RouteTable(tmp_path)
+    table = RouteTable(LocalStore(tmp_path))
     table.put_many({task: Route.parse(task, body) for task, body in routes.items()})
     settings = Settings(adapters_dir=tmp_path, cache_dir=tmp_path)
     return InferenceService(settings, None, None, FakeRegistry(), None, Metrics(), routes=table)
@@ -116,18 +117,25 @@ def test_route_parsing_reports_every_problem_at_once():
 
 
 def test_table_persists_atomically_and_converges_between_two_readers(tmp_path):
-    writer, reader = RouteTable(tmp_path, poll_interval_s=0.0), RouteTable(tmp_path, poll_interval_s=0.0)
+    writer, reader = RouteTable(LocalStore(tmp_path)), RouteTable(LocalStore(tmp_path))
     writer.put(Route.parse("sql", {"adapter": "sql-v1"}))
+    reader.reload()
     assert reader.get("sql").targets[0].adapter == "sql-v1"
     writer.put(Route.parse("sql", {"adapter": "sql-v2", "fallback": "base"}))
+    assert reader.get("sql").targets[0].adapter == "sql-v1"  # reads never touch the store
+    reader.reload()
     assert reader.get("sql").targets[0].adapter == "sql-v2" and reader.get("sql").fallback == "base"
-    assert reader.delete("sql") and writer.get("sql") is None
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert reader.delete("sql")
+    writer.reload()
+    assert writer.get("sql") is None
+    assert not [p for p in (tmp_path / ".tmp").rglob("*") if p.is_file()]  # no temp file left behind
     # A hand edit gone wrong keeps each reader's last good routes; the next write replaces it.
     reader.put(Route.parse("keep", {"adapter": "k"}))
     (tmp_path / ".routes.json").write_text("{not json")
+    reader.reload()
     assert reader.get("keep") is not None
     reader.put(Route.parse("more", {"adapter": "m"}))
+    writer.reload()
     assert set(writer.routes()) == {"keep", "more"}
 
 
