@@ -31,12 +31,12 @@ from server.contract import (
     GenerationRequest,
     TokenEvent,
 )
-from server.engine import cpu_sgmv
 from server.engine.base import BaseModelError, LoadedBase
 from server.engine.cpu_threads import ThreadPolicy, block_list
 from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach, unsupported_reason
-from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora
-from server.engine.sampling import Detokenizer, choose_tokens, finish_reason_for
+from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora, stage_adapter
+from server.engine.sampling import Detokenizer, SampledRows, UniformStream, choose_tokens, finish_reason_for
+from server.engine.staging import StepBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class _Row:
     request: GenerationRequest
     slot: int
     detokenizer: Detokenizer
-    generator: torch.Generator | None
+    uniforms: UniformStream | None  # None: greedy
     generated: list[int] = field(default_factory=list)
     queue_s: float | None = None  # reported on the first token only
 
@@ -91,10 +91,8 @@ class TorchEngine:
         if blocks is not None:
             self.threads.install(blocks)
         # A decode batch or a classify batch never has more distinct adapters than rows or slots.
-        self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads,
-                                   cpu_kernel=self.device.type == "cpu")
-        if self.context.cpu_kernel:
-            cpu_sgmv.warm_up()
+        self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads, self.device,
+                                   cpu_kernel=self._cpu_kernel(base))
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = SlotTable(max_device_adapters)
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
@@ -127,6 +125,17 @@ class TorchEngine:
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
         )
         self._update_stats()
+
+    @staticmethod
+    def _cpu_kernel(base: LoadedBase):
+        """The compiled LoRA loop for CPU float32 steps (None elsewhere: numba is imported only
+        where it runs)."""
+        if base.device.type != "cpu" or base.dtype != torch.float32:
+            return None
+        from server.engine import cpu_sgmv
+
+        cpu_sgmv.warm_up()
+        return cpu_sgmv.add_segment_lora
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -163,8 +172,8 @@ class TorchEngine:
         slot = self.slots.free.pop()
         package: AdapterPackage = adapter.package
         try:
-            for name, weights in package.modules.items():
-                self.layers[name].load_slot(slot, weights, self.base.dtype, self.device)
+            for name, (a, bt) in stage_adapter(package.modules, self.base.dtype, self.device).items():
+                self.layers[name].load_slot(slot, a, bt)
             if package.head is not None:
                 weight = package.head.weight.to(self.device, torch.float32)
                 bias = package.head.bias.to(self.device, torch.float32) if package.head.bias is not None else None
@@ -312,11 +321,8 @@ class TorchEngine:
             self.waiting.popleft()
             budget -= cost
             params = request.params
-            generator = None
-            if not params.greedy:
-                generator = torch.Generator(device="cpu")
-                generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-            row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), generator)
+            uniforms = None if params.greedy else UniformStream(params.seed)
+            row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), uniforms)
             row.queue_s = time.monotonic() - self.enqueued_at.pop(request.request_id, time.monotonic())
             admitted.append(row)
         return admitted
@@ -335,11 +341,13 @@ class TorchEngine:
             self._decode_plan_slots = slots
         return self._decode_plan
 
-    def _long_tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
     def _forward(self, admitted: list[_Row], events: list[TokenEvent]) -> None:
-        """One packed forward: every running row's next token and every admitted prompt."""
+        """One packed forward: every running row's next token and every admitted prompt.
+
+        Device traffic per step: one host->device copy (every index array of the step, see
+        staging.StepBuffer) and one device->host read (the chosen token ids); a LoRA plan
+        built on torch ops adds one copy when the running rows' adapters change.
+        """
         running = len(self.rows)
         token_ids = [r.pending for r in self.rows]
         positions = [len(r.request.prompt_ids) + len(r.generated) - 1 for r in self.rows]
@@ -349,15 +357,23 @@ class TorchEngine:
             token_ids.extend(prompt)
             positions.extend(range(len(prompt)))
             logit_at.append(len(token_ids) - 1)
-        self.kv.plan_step(running, [len(r.request.prompt_ids) for r in admitted], self.base.dtype)
+        layout = self.kv.plan_step(running, [len(r.request.prompt_ids) for r in admitted])
+        stepping = self.rows + admitted
+        buffer = StepBuffer()
+        handles = [buffer.longs(token_ids), buffer.longs(positions), buffer.longs(logit_at),
+                   buffer.longs(layout.row_starts)]
+        sampling = SampledRows.stage(buffer, [r.request.params for r in stepping], [r.uniforms for r in stepping])
+        sent = buffer.send(self.device)
+        input_ids, position_ids, keep, row_starts = (sent[h] for h in handles)
+        self.kv.begin_step(row_starts, self.base.dtype)
         self.context.plan = self._lora_plan(admitted)
         try:
             logits = self.model(
-                input_ids=self._long_tensor(token_ids)[None],  # [1, tokens]
-                position_ids=self._long_tensor(positions)[None],
+                input_ids=input_ids[None],  # [1, tokens]
+                position_ids=position_ids[None],
                 attention_mask=self._passthrough_mask,
                 use_cache=False,
-                logits_to_keep=self._long_tensor(logit_at),
+                logits_to_keep=keep,
             ).logits[0]  # [running + admitted, vocab]
         except BaseException:
             self.kv.abandon_step()
@@ -368,12 +384,12 @@ class TorchEngine:
             self.context.plan = None
         self.kv.finish_step(len(admitted))
         self.rows.extend(admitted)
-        self._sample(logits, events)
+        chosen = choose_tokens(logits, sampling.on_device(sent) if sampling is not None else None)
+        self._emit(chosen.tolist(), events)
 
-    def _sample(self, logits: torch.Tensor, events: list[TokenEvent]) -> None:
-        """logits: [rows, vocab], one per running row in order; finished rows leave."""
+    def _emit(self, tokens: list[int], events: list[TokenEvent]) -> None:
+        """tokens: one per running row in order; finished rows leave."""
         rows = list(self.rows)
-        tokens = choose_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         finished: dict[int, FinishReason] = {}
         for index, (row, token) in enumerate(zip(rows, tokens)):
             first = not row.generated
@@ -383,8 +399,7 @@ class TorchEngine:
                 token, self.eos_ids, len(row.generated), prompt_tokens + len(row.generated),
                 row.request.params, self.base.max_context,
             )
-            ids = row.generated[:-1] if reason == "stop" else row.generated
-            text, stopped = row.detokenizer.push(ids)
+            text, stopped = row.detokenizer.push(None if reason == "stop" else token)
             if stopped:
                 reason = "stop"
             if reason is not None:

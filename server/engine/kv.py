@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from server.engine.cpu_threads import ThreadPolicy
+from server.engine.staging import send_longs
 
 ATTENTION_NAME = "adaptserve_packed"
 # Handed to the model as its attention mask: a 4D mask is passed through to the attention
@@ -47,16 +48,18 @@ class Prefill:
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepLayout:
     """Where this step's tokens go: packed tokens [0, decode_rows) are rows 0..n-1's decode
-    tokens, written to `column`; each prefill's tokens follow, right-aligned to `column`."""
+    tokens, written to `column`; each prefill's tokens follow, right-aligned to `column`.
+    Built on the host by plan_step; `decode_mask` is added by begin_step on the device."""
 
     decode_rows: int
     column: int
     start: int  # first column any decode row attends to
-    decode_mask: torch.Tensor | None  # [decode_rows, 1, 1, column + 1 - start] additive float
+    row_starts: tuple[int, ...]  # [decode_rows] each decode row's first used column
     prefills: tuple[Prefill, ...]
+    decode_mask: torch.Tensor | None = None  # [decode_rows, 1, 1, column + 1 - start] additive float
 
 
 class SlabKVCache:
@@ -71,6 +74,8 @@ class SlabKVCache:
         self.rows = 0
         self.end = 0  # used columns are [start, end); every row's newest token is in end - 1
         self.start = 0
+        # Host bookkeeping (no device reads): row i holds tokens in columns [row_start[i], end).
+        self.row_start: list[int] = [0] * max_rows
         self.layout: StepLayout | None = None  # set for the length of one packed forward
         self._release()
 
@@ -79,12 +84,12 @@ class SlabKVCache:
         self.keys.clear()
         self.values.clear()
         self.row_capacity, self.columns = self.initial_shape
-        self.valid = torch.zeros(self.initial_shape, dtype=torch.bool, device=self.device)  # real tokens
 
     # --- the engine's side -------------------------------------------------------------
 
-    def plan_step(self, decode_rows: int, prompt_lengths: list[int], dtype: torch.dtype) -> StepLayout:
-        """Make room for this step (moving or growing the slab if needed) and describe it."""
+    def plan_step(self, decode_rows: int, prompt_lengths: list[int]) -> StepLayout:
+        """Make room for this step (moving or growing the slab if needed) and describe it.
+        Host only; the engine sends `row_starts` with the step's other arrays to begin_step."""
         if decode_rows != self.rows:
             raise RuntimeError(f"cache holds {self.rows} rows, step decodes {decode_rows}")
         if self.rows + len(prompt_lengths) > self.max_rows:
@@ -105,22 +110,23 @@ class SlabKVCache:
         if shift and self.rows:
             self._shift(shift)
         self.end = column
-        self.valid[:decode_rows, column] = True
         prefills = []
         offset = decode_rows
         for i, length in enumerate(prompt_lengths):
-            row = decode_rows + i
-            self.valid[row] = False
-            self.valid[row, column + 1 - length : column + 1] = True
-            prefills.append(Prefill(row, offset, length))
+            prefills.append(Prefill(decode_rows + i, offset, length))
             offset += length
-        decode_mask = None
-        if decode_rows:
-            visible = self.valid[:decode_rows, self.start : column + 1]
-            decode_mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
-            decode_mask = decode_mask.masked_fill_(~visible, float("-inf"))[:, None, None, :]
-        self.layout = StepLayout(decode_rows, column, self.start, decode_mask, tuple(prefills))
+        self.layout = StepLayout(decode_rows, column, self.start, tuple(self.row_start[:decode_rows]),
+                                 tuple(prefills))
         return self.layout
+
+    def begin_step(self, row_starts: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """row_starts: [decode_rows] long on the device (the layout's, sent by the engine)."""
+        layout = self.layout
+        if layout.decode_rows:
+            columns = torch.arange(layout.start, layout.column + 1, device=self.device)
+            hidden = columns[None, :] < row_starts[:, None]  # [decode_rows, columns]: another row's past
+            mask = torch.zeros(hidden.shape, dtype=dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            layout.decode_mask = mask[:, None, None, :]
 
     def finish_step(self, new_rows: int) -> None:
         """The forward ran: the step's column is used, the joined rows are running."""
@@ -128,17 +134,14 @@ class SlabKVCache:
         self.layout = None
         if layout is None:
             return
+        for prefill in layout.prefills[:new_rows]:
+            self.row_start[prefill.row] = layout.column + 1 - prefill.length
         self.rows += new_rows
         self.end = layout.column + 1
-        if layout.prefills:
-            starts = [layout.column + 1 - p.length for p in layout.prefills]
-            self.start = min(starts + ([self.start] if layout.decode_rows else []))
+        self.start = min(self.row_start[: self.rows]) if self.rows else 0
 
     def abandon_step(self) -> None:
         """The forward failed: the step's writes are ignored (its column and rows stay unused)."""
-        if self.layout is not None:
-            self.valid[self.rows :] = False
-            self.valid[: self.rows, self.layout.column] = False
         self.layout = None
 
     def remove_rows(self, leaving: set[int]) -> list[tuple[int, int]]:
@@ -147,19 +150,18 @@ class SlabKVCache:
         holes = sorted(i for i in leaving if i < kept)
         movers = [i for i in range(kept, self.rows) if i not in leaving]
         if holes:
-            src = torch.tensor(movers, dtype=torch.long, device=self.device)
-            dst = torch.tensor(holes, dtype=torch.long, device=self.device)
+            src, dst = send_longs(self.device, movers, holes)
             used = slice(self.start, self.end)
             for slab in (*self.keys.values(), *self.values.values()):
                 slab[dst, :, used] = slab[src, :, used]
-            self.valid[dst] = self.valid[src]
-        self.valid[kept : self.rows] = False
+            for source, target in zip(movers, holes):
+                self.row_start[target] = self.row_start[source]
         self.rows = kept
         if not kept:
             self.reset()
         else:
             # Columns every remaining row leaves empty cost attention time for nothing.
-            self.start = int(self.valid[:kept, : self.end].int().argmax(dim=1).min())
+            self.start = min(self.row_start[:kept])
         return list(zip(movers, holes))
 
     def reset(self) -> None:
@@ -168,17 +170,16 @@ class SlabKVCache:
         self._release()
 
     def tokens(self) -> int:
-        return int(self.valid[: self.rows].sum())
+        return sum(self.end - start for start in self.row_start[: self.rows])
 
     def _grow(self, rows: int, columns: int) -> None:
-        valid = torch.zeros(rows, columns, dtype=torch.bool, device=self.device)
-        valid[: self.row_capacity, : self.columns] = self.valid
-        self.valid = valid
+        # Layer by layer, so the transient is one layer's old slab, not the whole cache twice.
         for slabs in (self.keys, self.values):
             for layer, slab in slabs.items():
                 grown = slab.new_zeros(rows, slab.shape[1], columns, slab.shape[3])
                 grown[: self.row_capacity, :, : self.columns] = slab
                 slabs[layer] = grown
+                del slab
         self.row_capacity, self.columns = rows, columns
 
     def _shift(self, delta: int) -> None:
@@ -188,11 +189,14 @@ class SlabKVCache:
         rows, old, new = slice(0, self.rows), slice(self.start, self.end), slice(self.start + delta, self.end + delta)
         for slab in (*self.keys.values(), *self.values.values()):
             slab[rows, :, new] = slab[rows, :, old].clone()
-        valid = self.valid[rows, old].clone()
-        self.valid[rows] = False
-        self.valid[rows, new] = valid
+        for row in range(self.rows):
+            self.row_start[row] += delta
         self.start += delta
         self.end += delta
+
+    def nbytes(self) -> int:
+        """Bytes the slabs hold now."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
 
     # --- the attention side ------------------------------------------------------------
 

@@ -23,17 +23,18 @@ themselves at 32 distinct adapters).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from adapters.package import LoraModule
-from server.engine import cpu_sgmv
 from server.engine.cpu_threads import ThreadPolicy
 from server.engine.onednn import OneDNNLinear
+from server.engine.staging import send_longs
 
 
 class ActivePositions:
@@ -92,12 +93,9 @@ class LoRABand:
             real_entries.extend(range(position * per_group, position * per_group + len(units)))
             entry_units.extend(units)
 
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
-
         padded = len(real_entries) < len(gather)
-        return cls(tuple(position_slots), as_tensor(gather), as_tensor(real_entries) if padded else None,
-                   as_tensor(entry_units), per_group)
+        gather_units, real, entries = send_longs(device, gather, real_entries, entry_units)  # one copy
+        return cls(tuple(position_slots), gather_units, real if padded else None, entries, per_group)
 
 
 def units_by_slot(slots: Sequence[int]) -> dict[int, list[int]]:
@@ -149,19 +147,27 @@ class LoRABatchPlan:
     form a band; a prompt is a range, whose delta is two plain matmuls over views of the
     pool (a prompt has enough tokens to keep them efficient, and a range needs no gather,
     no scatter and no copy). Slot 0 is the base and gets no delta. On CPU in float32, a
-    step's band and ranges are instead one kernel call over `segments`.
+    step's band and ranges are instead one kernel call over `segments`, and the band (its
+    index tensors and active positions) is never built.
     """
 
     units: int
-    band: LoRABand | None
+    band_slots: tuple[int, ...]  # slot of each unit of the band (decode rows / classify rows)
+    positions: ActivePositions
+    device: torch.device
     ranges: tuple[LoRARange, ...] = ()
     segments: LoRASegments | None = None  # packed steps only (one token per unit)
+
+    @functools.cached_property
+    def band(self) -> LoRABand | None:
+        """Built on first use (torch-ops layers only): places the band's adapters in the
+        active buffer and sends its index tensors in one copy."""
+        return LoRABand.build(self.band_slots, self.positions, self.device)
 
     @classmethod
     def for_rows(cls, slots: Sequence[int], positions: ActivePositions, device: torch.device) -> "LoRABatchPlan | None":
         """One unit per batch row: row i runs on adapter slot `slots[i]`. None: all on the base."""
-        band = LoRABand.build(slots, positions, device)
-        return cls(len(slots), band) if band is not None else None
+        return cls(len(slots), tuple(slots), positions, device) if any(slots) else None
 
     @classmethod
     def for_step(
@@ -172,33 +178,45 @@ class LoRABatchPlan:
         device: torch.device,
     ) -> "LoRABatchPlan | None":
         """Units are tokens: one per decode row, then each prompt's (slot, length) in order."""
-        band = LoRABand.build(decode_slots, positions, device)
         ranges, start = [], len(decode_slots)
         for slot, length in prompts:
             if slot:
                 ranges.append(LoRARange(slot, start, length))
             start += length
-        if band is None and not ranges:
+        if not any(decode_slots) and not ranges:
             return None
         groups = list(units_by_slot(decode_slots).items())
         groups += [(span.slot, range(span.start, span.start + span.length)) for span in ranges]
-        return cls(start, band, tuple(ranges), LoRASegments.build(groups))
+        return cls(start, tuple(decode_slots), positions, device, tuple(ranges), LoRASegments.build(groups))
+
+
+# The CPU kernel's entry (cpu_sgmv.add_segment_lora), passed in where it is chosen.
+SegmentKernel = Callable[..., None]
 
 
 class LoRAContext:
     """The current plan (None: every layer skips LoRA), the shared active positions, the
     thread policy (base matmuls are heavy ops, the LoRA stays on one thread unless the CPU
-    kernel finds it worth both), and whether packed float32 steps on CPU run the compiled
-    kernel (cpu_sgmv) instead of torch ops."""
+    kernel finds it worth both), and the compiled kernel that packed float32 steps on CPU
+    run instead of torch ops (None elsewhere)."""
 
-    def __init__(self, positions: int, threads: ThreadPolicy, cpu_kernel: bool) -> None:
+    def __init__(self, positions: int, threads: ThreadPolicy, device: torch.device,
+                 cpu_kernel: SegmentKernel | None = None) -> None:
         self.plan: LoRABatchPlan | None = None
+        self.device = device
         self.positions = ActivePositions(positions)
         self.threads = threads
         self.cpu_kernel = cpu_kernel
 
 
 class SlotLoRALinear(nn.Module):
+    """A base linear layer plus its slice of every resident adapter.
+
+    The pools are allocated when the first adapter targeting this module is loaded and grow
+    by doubling, in rank (a larger rank arrives) and in slots (the highest slot in use), so
+    memory follows what is resident rather than the configured slot count.
+    """
+
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, slots: int, context: LoRAContext):
         super().__init__()
         self.base_layer = base_layer
@@ -206,45 +224,57 @@ class SlotLoRALinear(nn.Module):
         self.slots = slots + 1  # + the zero slot
         self.context = context
         self.r_cap = 0
-        # Allocated on first use: a module no loaded adapter targets costs nothing.
-        self.lora_a: torch.Tensor | None = None  # [slots, r_cap, in]
-        self.lora_bt: torch.Tensor | None = None  # [slots, r_cap, out]: scale * B^T
+        self.slot_cap = 0  # pool rows allocated (slot 0 included)
+        self.lora_a: torch.Tensor | None = None  # [slot_cap, r_cap, in]
+        self.lora_bt: torch.Tensor | None = None  # [slot_cap, r_cap, out]: scale * B^T
         # numpy views of the pools (same memory) for the CPU kernel; None off CPU float32.
         self._pool_a_array: np.ndarray | None = None
         self._pool_bt_array: np.ndarray | None = None
         # This module's rank in each slot (0: the adapter skips it); an array for the kernel.
         self.ranks = np.zeros(self.slots, dtype=np.int64)
+        # Allocated on the first torch-ops band (never on the CPU kernel path).
         self.active_a: torch.Tensor | None = None  # [positions, in, r_cap]: A^T
         self.active_b: torch.Tensor | None = None  # [positions, r_cap, out]: scale * B^T
         self.active_held: list[int] = []  # slot copied at each position (-1: none)
 
-    def _grow(self, rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Reallocate with room for `rank`, keeping loaded slots (rare: a larger rank arrives)."""
-        new_cap = max(rank, 8, self.r_cap * 2 if self.r_cap else 0)
-        new_a = torch.zeros(self.slots, new_cap, self.in_features, dtype=dtype, device=device)
-        new_bt = torch.zeros(self.slots, new_cap, self.out_features, dtype=dtype, device=device)
+    def nbytes(self) -> dict[str, int]:
+        """Bytes allocated: the slot pool and the active buffer."""
+        def size(*tensors: torch.Tensor | None) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        return {"lora_pool": size(self.lora_a, self.lora_bt), "lora_active": size(self.active_a, self.active_b)}
+
+    def _grow(self, rank: int, slot: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Reallocate with room for `rank` and `slot`, keeping loaded slots."""
+        new_cap = max(rank, 8, self.r_cap * 2 if rank > self.r_cap else self.r_cap)
+        new_slots = min(self.slots, max(slot + 1, 4, self.slot_cap * 2 if slot >= self.slot_cap else self.slot_cap))
+        new_a = torch.zeros(new_slots, new_cap, self.in_features, dtype=dtype, device=device)
+        new_bt = torch.zeros(new_slots, new_cap, self.out_features, dtype=dtype, device=device)
         if self.lora_a is not None:
-            new_a[:, : self.r_cap] = self.lora_a
-            new_bt[:, : self.r_cap] = self.lora_bt
-        self.lora_a, self.lora_bt, self.r_cap = new_a, new_bt, new_cap
+            new_a[: self.slot_cap, : self.r_cap] = self.lora_a
+            new_bt[: self.slot_cap, : self.r_cap] = self.lora_bt
+        self.lora_a, self.lora_bt, self.slot_cap = new_a, new_bt, new_slots
         if device.type == "cpu" and dtype == torch.float32:
             self._pool_a_array, self._pool_bt_array = new_a.numpy(), new_bt.numpy()
-        positions = len(self.context.positions.slot_at)
-        self.active_a = torch.zeros(positions, self.in_features, new_cap, dtype=dtype, device=device)
-        self.active_b = torch.zeros(positions, new_cap, self.out_features, dtype=dtype, device=device)
-        self.active_held = [-1] * positions
+        if new_cap != self.r_cap:
+            self.active_a = self.active_b = None  # reallocated at the new rank on next use
+            self.active_held = []
+        self.r_cap = new_cap
 
     # Inference mode, not no_grad: the engine steps in inference mode, so a pool grown during
     # admission holds inference tensors, which only inference mode may update in place (an
     # eviction from the registry's budget pass would otherwise raise).
     @torch.inference_mode()
-    def load_slot(self, slot: int, weights: LoraModule, dtype: torch.dtype, device: torch.device) -> None:
-        if self.lora_a is None or weights.rank > self.r_cap:
-            self._grow(weights.rank, dtype, device)
+    def load_slot(self, slot: int, a: torch.Tensor, bt: torch.Tensor) -> None:
+        """a: [r, in], bt: [r, out] (scale * B^T), already in the pool's dtype; on CUDA they
+        are views of a pinned buffer, so the copies are queued without blocking the host."""
+        rank = a.shape[0]
+        if self.lora_a is None or rank > self.r_cap or slot >= self.slot_cap:
+            self._grow(rank, slot, a.dtype, self.context.device)
         self.clear_slot(slot)
-        self.lora_a[slot, : weights.rank] = weights.a.to(device=device, dtype=dtype)
-        self.lora_bt[slot, : weights.rank] = (weights.b.t().to(device=device, dtype=torch.float32) * weights.scale).to(dtype)
-        self.ranks[slot] = weights.rank
+        self.lora_a[slot, :rank].copy_(a, non_blocking=True)
+        self.lora_bt[slot, :rank].copy_(bt, non_blocking=True)
+        self.ranks[slot] = rank
 
     @torch.inference_mode()
     def clear_slot(self, slot: int) -> None:
@@ -258,6 +288,11 @@ class SlotLoRALinear(nn.Module):
     def _activate(self, band: LoRABand) -> int:
         """Copy the band's newly placed slots into the active buffer; returns the rank to use:
         the largest this module has among them (0: none of them targets this module)."""
+        if self.active_a is None:
+            positions = len(self.context.positions.slot_at)
+            self.active_a = self.lora_a.new_zeros(positions, self.in_features, self.r_cap)
+            self.active_b = self.lora_a.new_zeros(positions, self.r_cap, self.out_features)
+            self.active_held = [-1] * positions
         rank = 0
         for position, slot in enumerate(band.position_slots):
             if not slot:
@@ -287,7 +322,7 @@ class SlotLoRALinear(nn.Module):
         forward's own fresh tensor; inference only, no autograd)."""
         if plan.segments is not None and self._kernel_applies(units, out_units):
             segments = plan.segments
-            cpu_sgmv.add_segment_lora(
+            self.context.cpu_kernel(
                 units.view(-1, self.in_features).numpy(), out_units.view(-1, self.out_features).numpy(),
                 self._pool_a_array, self._pool_bt_array, self.ranks, segments.slots, segments.starts, segments.units,
                 threads=self.context.threads.heavy_threads)
@@ -310,7 +345,7 @@ class SlotLoRALinear(nn.Module):
     def _kernel_applies(self, units: torch.Tensor, out_units: torch.Tensor) -> bool:
         """The CPU kernel takes float32 throughout and contiguous rows (a quantized base may
         compute in another dtype; CUDA pools have no numpy view)."""
-        return (self.context.cpu_kernel and self._pool_a_array is not None
+        return (self.context.cpu_kernel is not None and self._pool_a_array is not None
                 and units.dtype == out_units.dtype == torch.float32
                 and units.is_contiguous() and out_units.is_contiguous())
 
@@ -333,6 +368,34 @@ class SlotLoRALinear(nn.Module):
         if band.real_entries is not None:
             delta = delta.index_select(0, band.real_entries)  # drop the padding entries
         out_units.index_add_(0, band.entry_units, delta.to(out_units.dtype))
+
+
+def slot_tensors(weights: LoraModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's weights in pool layout on the host: A [r, in] and scale * B^T [r, out]
+    (scaled in float32, then cast to the pool's dtype)."""
+    return weights.a.to(dtype), (weights.b.t().float() * weights.scale).to(dtype)
+
+
+def stage_adapter(modules: dict[str, LoraModule], dtype: torch.dtype, device: torch.device
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every module of an adapter in pool layout. For CUDA they are views of ONE pinned
+    host buffer, so the slot copies are queued without blocking the engine thread (from
+    pageable memory each of the ~2 x modules copies would be synchronous)."""
+    prepared = {name: slot_tensors(weights, dtype) for name, weights in modules.items()}
+    if device.type != "cuda":
+        return prepared
+    total = sum(a.numel() + bt.numel() for a, bt in prepared.values())
+    pinned = torch.empty(total, dtype=dtype, pin_memory=True)
+    staged, offset = {}, 0
+    for name, pair in prepared.items():
+        views = []
+        for tensor in pair:
+            view = pinned[offset : offset + tensor.numel()].view(tensor.shape)
+            view.copy_(tensor)
+            views.append(view)
+            offset += tensor.numel()
+        staged[name] = (views[0], views[1])
+    return staged
 
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, OneDNNLinear)

@@ -10,7 +10,7 @@ from torch import nn
 from adapters.package import LoraModule
 from server.engine import cpu_sgmv
 from server.engine.cpu_threads import ThreadPolicy
-from server.engine.lora import ActivePositions, LoRABatchPlan, LoRAContext, LoRASegments, SlotLoRALinear
+from server.engine.lora import ActivePositions, LoRABatchPlan, LoRAContext, LoRASegments, SlotLoRALinear, slot_tensors
 from server.engine.onednn import OneDNNLinear, can_pack
 
 
@@ -31,10 +31,11 @@ def layer_with(adapters: dict[int, LoraModule], positions: int,
                cpu_kernel: bool = True) -> tuple[nn.Linear, LoRAContext, SlotLoRALinear]:
     """A 12 -> 20 base linear wrapped with three slots, `adapters` loaded by slot."""
     base = nn.Linear(12, 20)
-    context = LoRAContext(positions, ThreadPolicy(1), cpu_kernel=cpu_kernel)
+    context = LoRAContext(positions, ThreadPolicy(1), torch.device("cpu"),
+                          cpu_kernel=cpu_sgmv.add_segment_lora if cpu_kernel else None)
     layer = SlotLoRALinear(base, 12, 20, slots=3, context=context)
     for slot, weights in adapters.items():
-        layer.load_slot(slot, weights, torch.float32, torch.device("cpu"))
+        layer.load_slot(slot, *slot_tensors(weights, torch.float32))
     return base, context, layer
 
 
@@ -53,7 +54,7 @@ def test_mixed_rows_ranks_and_base_and_a_reloaded_slot():
 
     # New weights in a slot must never be served from the operands cached for the old ones.
     adapters[2] = random_lora(2, 9)
-    layer.load_slot(2, adapters[2], torch.float32, torch.device("cpu"))
+    layer.load_slot(2, *slot_tensors(adapters[2], torch.float32))
     got = layer(x)
     for row, slot in enumerate(slots):
         torch.testing.assert_close(got[row], reference(base, x[row], adapters.get(slot)), rtol=1e-5, atol=1e-5)

@@ -66,7 +66,7 @@ def run(engine: TorchEngine, arrivals: list[tuple[int, GenerationRequest]],
 
 @pytest.mark.parametrize("cpu_kernel", [True, False], ids=["cpu-kernel", "torch-ops"])
 def test_staggered_mixed_batch_equals_each_request_alone(engine, bindings, cpu_kernel, monkeypatch):
-    monkeypatch.setattr(engine.context, "cpu_kernel", cpu_kernel and engine.context.cpu_kernel)
+    monkeypatch.setattr(engine.context, "cpu_kernel", engine.context.cpu_kernel if cpu_kernel else None)
     arrivals = make_requests(engine, bindings)
     alone = {}
     for _, req in arrivals:
@@ -112,29 +112,34 @@ def test_cancelled_row_in_the_middle_leaves_the_others_intact(engine, bindings):
 
 def test_slab_layout_keeps_rows_right_aligned(engine):
     cache = SlabKVCache(max_rows=4, device=torch.device("cpu"), threads=engine.threads, initial_columns=4)
-    layout = cache.plan_step(0, [3, 2], torch.float32)
+    layout = cache.plan_step(0, [3, 2])
     assert layout.column == 2 and [p.length for p in layout.prefills] == [3, 2]
     cache.finish_step(2)
     assert (cache.start, cache.end, cache.rows) == (0, 3, 2)
+    assert cache.row_start[:2] == [0, 1]  # right-aligned: the shorter prompt starts later
 
     # A longer prompt than any running row moves the running rows right.
-    layout = cache.plan_step(2, [6], torch.float32)
+    layout = cache.plan_step(2, [6])
     assert layout.column == 5 and cache.columns >= 6
-    assert cache.valid[0, 3:6].tolist() == [True, True, True] and cache.valid[2, :6].all()
+    assert layout.row_starts == (2, 3) and layout.start == 2  # the running rows, shifted by 2
+    cache.begin_step(torch.tensor(layout.row_starts), torch.float32)
+    visible = (layout.decode_mask[:, 0, 0] == 0).tolist()  # columns 2..5 for each decode row
+    assert visible == [[True] * 4, [False] + [True] * 3]
     cache.finish_step(1)
+    assert cache.row_start[:3] == [2, 3, 0] and (cache.start, cache.end) == (0, 6)
 
     moves = cache.remove_rows({0})
     assert moves == [(2, 0)] and cache.rows == 2
-    assert cache.valid[0, :6].all()  # the long row now sits in row 0
-    assert cache.tokens() == int(cache.valid[:2].sum())
+    assert cache.row_start[:2] == [0, 3]  # the long row now sits in row 0
+    assert cache.tokens() == 6 + 3
 
 
 def test_one_long_prompt_reserves_rows_only_for_what_runs(engine):
     cache = SlabKVCache(max_rows=32, device=torch.device("cpu"), threads=engine.threads, initial_columns=16)
-    cache.plan_step(0, [300], torch.float32)
+    cache.plan_step(0, [300])
     assert cache.row_capacity == 4 and cache.columns >= 300  # not 32 rows x 300 columns
     cache.finish_step(1)
-    cache.plan_step(1, [5, 5, 5, 5], torch.float32)
+    cache.plan_step(1, [5, 5, 5, 5])
     assert cache.row_capacity == 8
     cache.finish_step(4)
     cache.remove_rows(set(range(5)))
