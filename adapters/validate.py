@@ -168,7 +168,7 @@ def _read_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
 
 def _check_config(config: dict[str, Any], signature: BaseSignature, limits: AdapterLimits, problems: list[str]) -> None:
     for key in sorted(CODE_KEYS & config.keys()):
-        if config[key] and not (key == "auto_mapping" and _peft_class_record(config[key], signature)):
+        if config[key] and not (key == "auto_mapping" and _peft_class_record(config[key])):
             problems.append(f"config key {key!r} is refused: adapters never bring code")
     unknown = sorted(config.keys() - _allowed_config_keys() - CODE_KEYS)
     if unknown:
@@ -221,12 +221,11 @@ def _check_config(config: dict[str, Any], signature: BaseSignature, limits: Adap
                 problems.append(f"target module {target!r} does not exist in the base")
 
 
-def _peft_class_record(auto_mapping: Any, signature: BaseSignature) -> bool:
+def _peft_class_record(auto_mapping: Any) -> bool:
     """PEFT writes `auto_mapping` = {base_model_class, parent_library} for every adapter saved
-    without a task type, which is how image classifiers are wrapped. Naming a transformers
-    class is a record, not code: nothing here imports it. Accepted on vision bases only, so
-    text adapters validate exactly as before."""
-    return (signature.kind == "vision" and isinstance(auto_mapping, dict)
+    without a task type (image classifiers, and any text LoRA made with a bare LoraConfig).
+    Naming a transformers class is a record, not code: nothing here imports it."""
+    return (isinstance(auto_mapping, dict)
             and set(auto_mapping) <= {"base_model_class", "parent_library"}
             and str(auto_mapping.get("parent_library", "")).startswith("transformers.")
             and str(auto_mapping.get("base_model_class", "")).isidentifier())

@@ -93,8 +93,10 @@ def build_tiny_bert(directory: Path) -> Path:
 
 def make_lora(base_dir: Path, out_dir: Path, *, task: str = "CAUSAL_LM", r: int = 4, targets=("q_proj", "v_proj"),
               seed: int = 0, num_labels: int = 3, use_rslora: bool = False, alpha: int | None = None,
-              labels: list[str] | None = None, weight_scale: float = 1.0) -> Path:
-    """A PEFT adapter with random (non-zero) A and B, saved with plain PEFT."""
+              labels: list[str] | None = None, weight_scale: float = 1.0, **lora_options) -> Path:
+    """A PEFT adapter with random (non-zero) A and B, saved with plain PEFT.
+
+    `lora_options` go to LoraConfig as they are (rank_pattern, alpha_pattern, lora_bias, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -108,7 +110,7 @@ def make_lora(base_dir: Path, out_dir: Path, *, task: str = "CAUSAL_LM", r: int 
             model.config.label2id = {v: k for k, v in enumerate(labels)}
     config = LoraConfig(
         r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets) if not isinstance(targets, str) else targets,
-        init_lora_weights=False, task_type=task, use_rslora=use_rslora,
+        init_lora_weights=False, task_type=task, use_rslora=use_rslora, **lora_options,
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():

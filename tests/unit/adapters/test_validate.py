@@ -151,3 +151,66 @@ def test_version_follows_content(adapter, signature, tmp_path):
     assert load_adapter_dir(copy, "good", signature).manifest.version == first
     edit_config(copy, lora_alpha=99)
     assert load_adapter_dir(copy, "good", signature).manifest.version != first
+
+
+# --- refusals of what the engine does not compute, each with its reason ----------------------
+
+
+def test_lora_bias_from_plain_peft_is_refused_with_its_reason(tiny_llama, tmp_path, signature):
+    adapter = make_lora(tiny_llama, tmp_path / "lora-bias", r=4, seed=6, lora_bias=True)
+    found = problems(adapter, signature)
+    assert "LoRA with a bias on lora_B is not served" in found
+    bias_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    assert f"{bias_key}: maps to no module this engine can serve" in found
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_base_bias_training_is_refused_with_its_reason(tiny_llama, tmp_path, signature, bias):
+    adapter = make_lora(tiny_llama, tmp_path / f"bias-{bias}", r=4, seed=6, bias=bias)
+    assert problems(adapter, signature) == [f"bias={bias!r} is not served (only 'none')"]
+
+
+def test_fan_in_fan_out_is_refused_with_its_reason(adapter, signature):
+    edit_config(adapter, fan_in_fan_out=True)
+    assert problems(adapter, signature) == ["fan_in_fan_out (Conv1D bases such as GPT-2) is not served"]
+
+
+def test_a_gpt2_conv1d_adapter_from_plain_peft_names_fan_in_fan_out(tmp_path, signature):
+    """PEFT sets fan_in_fan_out only on Conv1D bases: a real GPT-2 LoRA, not an edited config."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    peft_model = get_peft_model(gpt2, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                 task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "gpt2-lora")
+    assert json.loads((tmp_path / "gpt2-lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert "fan_in_fan_out (Conv1D bases such as GPT-2) is not served" in problems(tmp_path / "gpt2-lora", signature)
+
+
+def test_plain_peft_adapter_without_task_type_loads(tiny_llama, tmp_path, signature):
+    """get_peft_model without task_type records `auto_mapping` (the base class PEFT's Auto
+    classes would build): PEFT's own field, never read here, so not a reason to refuse."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "no-task")
+    config = json.loads((tmp_path / "no-task" / "adapter_config.json").read_text())
+    assert config["task_type"] is None and config["auto_mapping"]["base_model_class"] == "LlamaForCausalLM"
+    package = load_adapter_dir(tmp_path / "no-task", "no-task", signature)
+    assert package.manifest.task == "generate"
+    assert package.modules["layers.1.self_attn.q_proj"].scale == pytest.approx(6 / 4)
+
+
+@pytest.mark.parametrize("auto_mapping", [
+    {"base_model_class": "Evil", "parent_library": "evil_package.models"},
+    {"base_model_class": "LlamaForCausalLM", "parent_library": "transformers", "extra": "x"},
+    "transformers.LlamaForCausalLM",
+])
+def test_auto_mapping_naming_anything_but_a_transformers_class_is_refused(adapter, signature, auto_mapping):
+    edit_config(adapter, auto_mapping=auto_mapping)
+    assert any("auto_mapping" in p for p in problems(adapter, signature))
