@@ -94,6 +94,7 @@ class EngineInfo:
     max_device_adapters: int
     has_chat_template: bool
     base_labels: tuple[str, ...] = ()  # labels of a head the base itself has (vision); empty: none
+    image_preprocessing: Any = None  # vision bases: adapters.images.Preprocessing, applied off the engine thread
 
 
 class Engine(Protocol):

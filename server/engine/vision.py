@@ -310,6 +310,7 @@ class VisionEngine:
             base_id=base.signature.canonical_id, kind="vision", max_context=0, device=str(base.device),
             dtype=str(base.dtype).removeprefix("torch."), quantization="none",
             max_device_adapters=max_device_adapters, has_chat_template=False, base_labels=base.base_labels,
+            image_preprocessing=base.preprocessing,
         )
 
     # --- text and generation: not on an image base ---------------------------------------
