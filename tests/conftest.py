@@ -241,3 +241,13 @@ def routed_replicas(tiny_llama, llama_adapters, tmp_path_factory):
     yield first, second
     stop_server(second)
     stop_server(first)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server in its own process (tests/objectstore.py); each user makes its own bucket."""
+    from tests.objectstore import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
