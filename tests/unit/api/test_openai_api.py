@@ -93,6 +93,8 @@ def test_completions_with_n_and_seed(client):
     again = client.completions.create(**kwargs)
     assert first.object == "text_completion" and [c.index for c in first.choices] == [0, 1]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    # Each choice samples with its own seed (seed + index): an argmax-only server gives two equal ones.
+    assert first.choices[0].text != first.choices[1].text
     # The prompt is counted once however many choices share it.
     single = client.completions.create(**{**kwargs, "n": 1})
     assert first.usage.prompt_tokens == single.usage.prompt_tokens
