@@ -7,6 +7,7 @@ a partial copy of the base, not an adapter.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,8 +104,16 @@ def _transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Elements of the weight it stands for: a bitsandbytes 4-bit parameter stores two
+    values per byte (numel() counts the packed bytes); its quant_state keeps the real shape."""
+    quant_state = getattr(parameter, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    return math.prod(shape) if shape is not None else parameter.numel()
+
+
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total

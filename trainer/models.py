@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +22,25 @@ def load_tokenizer(base: ResolvedBase):
     return tokenizer
 
 
+def process_device() -> torch.device:
+    """This process's GPU when CUDA is there (under torchrun each rank has its own:
+    LOCAL_RANK), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def load_base_model(base: ResolvedBase, task: str, tokenizer, labels: Sequence[str] | None = None, quantize: str = "none"):
-    """The base as a causal LM, or as a sequence classifier with a fresh head over `labels`."""
+    """The base as a causal LM, or as a sequence classifier with a fresh head over `labels`,
+    on this process's device (so evaluation before and after training runs there too)."""
+    device = process_device()
     kwargs: dict = {}
     if quantize == "nf4":
         kwargs["quantization_config"] = _nf4_config()
+        if device.type == "cuda":
+            # Without a device map bitsandbytes puts every rank's weights on GPU 0, and
+            # accelerate refuses the model on ranks >= 1.
+            kwargs["device_map"] = {"": device.index}
     if task == "classify":
         if not labels:
             raise ValueError("a classification model needs its label names")
@@ -39,6 +54,8 @@ def load_base_model(base: ResolvedBase, task: str, tokenizer, labels: Sequence[s
     else:
         model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     ensure_pad_token(tokenizer, model.config)
+    if quantize != "nf4":
+        model.to(device)
     if quantize == "nf4":
         from peft import prepare_model_for_kbit_training
 

@@ -221,6 +221,9 @@ def _training_arguments(config: TrainConfig, seed: int, checkpoint_dir: Path, ha
         report_to="none",
         remove_unused_columns=False,  # rows are pre-tokenized dicts, not a datasets.Dataset
         use_cpu=not torch.cuda.is_available(),
+        # Mixed precision where the GPU has it (bf16 on Ampere and newer, else fp16); CPU stays fp32.
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        fp16=torch.cuda.is_available() and not torch.cuda.is_bf16_supported(),
     )
 
 

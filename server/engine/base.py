@@ -92,8 +92,12 @@ def load_base(
 ) -> LoadedBase:
     resolved = resolve_base(base_model, cache_dir / "bases")
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
     quantization = pick_quantization(quantize, torch_device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    if quantization == "int8" and torch_device.type == "cuda" and dtype == "auto":
+        # bitsandbytes quantizes int8 activations from float16: any other compute dtype is
+        # cast on every call (and logged as a warning each time).
+        torch_dtype = torch.float16
 
     config = AutoConfig.from_pretrained(resolved.path)
     decoder = _is_decoder(config)
@@ -104,6 +108,10 @@ def load_base(
             load_in_8bit=quantization == "int8",
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch_dtype,
+            # No outlier decomposition: LLM.int8()'s default threshold (6.0) finds outlier
+            # columns with a device->host sync in every linear layer (210-420 per decode
+            # step here). Threshold 0 keeps int8 weights and activations throughout.
+            llm_int8_threshold=0.0,
         )
         kwargs["device_map"] = {"": torch_device.index or 0} if torch_device.type == "cuda" else {"": "cpu"}
     model_class = AutoModelForCausalLM if decoder else AutoModel

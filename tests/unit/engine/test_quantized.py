@@ -41,7 +41,8 @@ def test_quantized_base_with_adapter_matches_peft(tiny_llama, llama_adapters, tm
     ])
 
     config = BitsAndBytesConfig(load_in_4bit=quantization == "nf4", load_in_8bit=quantization == "int8",
-                                bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+                                bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_threshold=0.0)  # the server's int8: no outlier decomposition
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=config, dtype=torch.float32,
                                                  device_map={"": "cpu"})
     model = PeftModel.from_pretrained(model, llama_adapters["gen-a"]).eval()
