@@ -147,7 +147,15 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt accepted (also bounded by the context).")
     max_stop_sequences: int = Field(4, ge=0, description="Stop strings per request.")
     max_stop_length: int = Field(64, ge=1, description="Characters per stop string.")
-    max_classify_inputs: int = Field(64, ge=1, description="Texts per classify call.")
+    max_classify_inputs: int = Field(64, ge=1, description="Texts or images per classify call (x adapters in a fan-out).")
+    image_formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP"],
+        description="Image formats /v1/classify decodes on a vision base; only their decoders see the bytes.",
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Largest width x height an image may declare; checked on its header, "
+        "before any pixel is decoded.",
+    )
     max_n: int = Field(4, ge=1, le=64, description="Choices per OpenAI request (n x prompts); each is a full row.")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest JSON request body.")
 

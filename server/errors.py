@@ -87,6 +87,22 @@ class AdapterConflict(AdaptserveError):
     code = "adapter_conflict"
 
 
+class InvalidImage(AdaptserveError):
+    """Not decodable: bad base64, an empty file, a corrupt header or pixel data."""
+
+    code = "invalid_image"
+
+
+class UnsupportedImageFormat(AdaptserveError):
+    code = "unsupported_image_format"
+
+
+class ImageTooLarge(AdaptserveError):
+    """The header declares more pixels than --max-image-pixels: refused before decoding."""
+
+    code = "image_too_large"
+
+
 class InsufficientStorage(AdaptserveError):
     code = "insufficient_storage"
 
@@ -140,6 +156,9 @@ ERROR_STATUS: dict[type[AdaptserveError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     AdapterConflict: 409,
+    InvalidImage: 400,
+    UnsupportedImageFormat: 415,
+    ImageTooLarge: 413,
     InsufficientStorage: 507,
     AdapterLoadFailed: 503,
     AdapterStoreUnavailable: 503,

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Sequence
 
+from adapters.images import ImagePolicy, ImageRejected, decode_image
 from adapters.merge import MergeSpec
 from server.config import Settings
 from server.contract import (
@@ -27,9 +28,12 @@ from server.errors import (
     AdapterRejected,
     AdapterTaskMismatch,
     AdapterVersionNotFound,
+    ImageTooLarge,
+    InvalidImage,
     InvalidParameter,
     LimitExceeded,
     UnsupportedForBase,
+    UnsupportedImageFormat,
 )
 from server.merges import MergeCache
 from server.metrics import Metrics
@@ -40,6 +44,8 @@ from server.scheduler import Scheduler
 Kind = Literal["generate", "classify"]
 # A route's target that is absent or cannot be loaded: what its fallback stands in for.
 UNAVAILABLE = (AdapterNotFound, AdapterVersionNotFound, AdapterRejected)
+IMAGE_ERRORS = {"unsupported_image_format": UnsupportedImageFormat, "image_too_large": ImageTooLarge,
+                "invalid_image": InvalidImage}
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,8 @@ class InferenceService:
                                  target: Target | str | None, params: SamplingParams) -> GenerationRequest:
         """`target`: resolved by resolve_target, or an adapter ref (None = the base)."""
         if self.info.kind != "decoder":
-            raise UnsupportedForBase(
-                f"base {self.info.base_id} is an encoder: it serves /v1/classify only", param="prompt"
-            )
+            what = "an image classifier" if self.info.kind == "vision" else "an encoder"
+            raise UnsupportedForBase(f"base {self.info.base_id} is {what}: it serves /v1/classify only", param="prompt")
         if messages is not None and not self.info.has_chat_template:
             raise UnsupportedForBase("this base has no chat template; send `prompt`", param="messages")
         if not isinstance(target, Target):
@@ -219,28 +224,46 @@ class InferenceService:
                 return Completion("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens)
         raise RuntimeError("generation ended without a final event")
 
-    async def classify(self, texts: list[str], target: Target | str) -> tuple[AdapterBinding, list[ClassifyResult]]:
+    async def classify(self, texts: list[str] | None, target: Target | str | None,
+                       images: list[bytes] | None = None) -> tuple[AdapterBinding | None, list[ClassifyResult]]:
+        """`texts`, or `images` (encoded files) on a vision base; target None: a vision base's own head."""
         if not isinstance(target, Target):
             target = Target(await self.bind(target, "classify"))
-        [results] = await self.classify_fanout(texts, [target])
+        [results] = await self.classify_fanout(texts, [target], images)
         return target.binding, results
 
-    async def classify_fanout(self, texts: list[str], targets: Sequence[Target]) -> list[list[ClassifyResult]]:
-        """Every target's result for every text, as one batch for the engine (rows may use
-        different adapters; the backbone runs once per batch). Result [t][i]: target t, text i."""
-        if not texts:
-            raise LimitExceeded("inputs is empty", param="inputs")
-        rows = len(texts) * len(targets)
+    async def classify_fanout(self, texts: list[str] | None, targets: Sequence[Target],
+                              images: list[bytes] | None = None) -> list[list[ClassifyResult]]:
+        """Every target's result for every text (or image), as one batch for the engine (rows
+        may use different adapters; the backbone runs once per batch). Result [t][i]: target t,
+        input i. Images are checked and decoded off the event loop before anything is queued."""
+        vision = self.info.kind == "vision"
+        if vision and images is None:
+            raise UnsupportedForBase(f"base {self.info.base_id} classifies images: send `images`", param="inputs")
+        if not vision and images is not None:
+            raise UnsupportedForBase(f"base {self.info.base_id} classifies text: send `inputs`", param="images")
+        inputs, param = (images, "images") if vision else (texts, "inputs")
+        if not inputs:
+            raise LimitExceeded(f"{param} is empty", param=param)
+        rows = len(inputs) * len(targets)
         if rows > self.settings.max_classify_inputs:
             raise LimitExceeded(
-                f"{len(texts)} inputs x {len(targets)} adapters = {rows} rows; at most "
-                f"{self.settings.max_classify_inputs} per call", param="inputs"
+                f"{len(inputs)} {param} x {len(targets)} adapters = {rows} rows; at most "
+                f"{self.settings.max_classify_inputs} per call", param=param
             )
         for target in targets:
             if target.binding is None:
+                if vision and self.info.base_labels:
+                    continue  # the base's own head (ImageNet labels for mobilenet-v2)
                 raise UnsupportedForBase("classification needs an adapter with a classifier head", param="adapter")
             if target.binding.package.manifest.task != "classify":
                 raise AdapterTaskMismatch(f"{target.label} is a generate adapter; use /v1/generate", param="adapter")
+        if vision:
+            pixels = await asyncio.to_thread(self._decode_images, images)
+            self.scheduler.check_capacity()
+            items = [ClassifyItem("", target.binding, image) for target in targets for image in pixels]
+            results = await self.scheduler.classify(items)
+            return [results[i * len(pixels):(i + 1) * len(pixels)] for i in range(len(targets))]
         limit = min(self.settings.max_prompt_tokens, self.info.max_context)
         # A cheap character bound first, so a huge text is refused before it is tokenized;
         # then one worker-thread hop counts every text.
@@ -258,3 +281,15 @@ class InferenceService:
         for target, group in zip(targets, grouped):
             self.metrics.prompt_tokens.labels(target.binding.name).inc(sum(r.prompt_tokens for r in group))
         return grouped
+
+    def _decode_images(self, images: Sequence[bytes]) -> list[Any]:
+        """Each image checked on its header, decoded, then preprocessed as the base's processor
+        config says: numpy float32 [3, height, width] per image. Runs in a worker thread."""
+        policy = ImagePolicy(formats=tuple(self.settings.image_formats), max_pixels=self.settings.max_image_pixels)
+        pixels = []
+        for index, data in enumerate(images):
+            try:
+                pixels.append(self.info.image_preprocessing(decode_image(data, policy)))
+            except ImageRejected as exc:
+                raise IMAGE_ERRORS[exc.code](f"images[{index}]: {exc}", param=f"images.{index}") from None
+        return pixels

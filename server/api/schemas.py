@@ -111,17 +111,33 @@ class GenerateResponse(BaseModel):
 
 
 class ClassifyRequest(TargetFields):
+    """JSON body of /v1/classify. The same endpoint takes multipart/form-data too: image files
+    (any field name) plus `adapter`, `task` or repeated `adapters` form fields."""
+
     model_config = ConfigDict(extra="forbid")
-    inputs: Text | list[Text] = Field(..., description="One text or a list of texts.")
+    inputs: Text | list[Text] | None = Field(None, description="One text or a list of texts (text bases).")
+    images: str | list[str] | None = Field(
+        None, description="One image file or a list, each base64-encoded (a `data:image/...;base64,` URL works "
+        "too): vision bases. Without an adapter, a vision base with its own head (mobilenet-v2: ImageNet) answers.",
+    )
 
     @model_validator(mode="after")
     def _needs_target(self) -> "ClassifyRequest":
-        if self.adapter is None and self.task is None and self.adapters is None:
+        if (self.inputs is None) == (self.images is None):
+            raise ValueError("give exactly one of `inputs` (texts) or `images` (base64 image files)")
+        if self.inputs is not None and self.adapter is None and self.task is None and self.adapters is None:
             raise ValueError("give `adapter`, `task` or `adapters`: classification needs an adapter's head")
         return self
 
-    def texts(self) -> list[str]:
+    def texts(self) -> list[str] | None:
+        if self.inputs is None:
+            return None
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+    def encoded_images(self) -> list[str] | None:
+        if self.images is None:
+            return None
+        return [self.images] if isinstance(self.images, str) else list(self.images)
 
 
 class ClassifyResultOut(BaseModel):
@@ -132,7 +148,7 @@ class ClassifyResultOut(BaseModel):
 
 class ClassifyResponse(BaseModel):
     results: list[ClassifyResultOut]
-    adapter: AdapterRefOut
+    adapter: AdapterRefOut | None = Field(..., description="None: a vision base's own head answered.")
     usage: Usage
     task: str | None = None
     fallback: bool = False
