@@ -20,7 +20,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "k8s"
-OVERLAYS = ("gpu", "cpu")
+OVERLAYS = ("gpu", "cpu", "s3")
+# Where the adapter store lives: an RWX claim every replica mounts, or a bucket.
+VOLUME_STORE_OVERLAYS = ("gpu", "cpu")
+OBJECT_STORE_OVERLAYS = ("s3",)
 EXAMPLES = ("gateway", "trainer")
 
 Manifest = dict[str, Any]

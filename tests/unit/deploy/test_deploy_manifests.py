@@ -20,7 +20,9 @@ import yaml
 
 from server.config import Settings
 
-from .conftest import EXAMPLES, K8S, OVERLAYS, Manifest, one
+from adapters.s3_store import parse_s3_url
+
+from .conftest import EXAMPLES, K8S, OBJECT_STORE_OVERLAYS, OVERLAYS, VOLUME_STORE_OVERLAYS, Manifest, one
 
 # The server's HTTP contract that the manifests depend on (see DESIGN.md / issue 7).
 HEALTH_PATH = "/healthz"
@@ -35,6 +37,12 @@ MIN_KUBERNETES = "1.30"
 # Set by the manifests ahead of the server: unknown ADAPTSERVE_ variables are ignored, so
 # this is harmless until the field lands. Drop an entry once Settings has it.
 PENDING_SETTINGS = {"ADAPTSERVE_ROUTES_FILE"}
+# Variables boto3's standard chain reads; anything else named AWS_* is a typo it would ignore.
+AWS_SDK_VARIABLES = {
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_CA_BUNDLE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+}
 SERVER_LABELS = {"app.kubernetes.io/name": "adaptserve", "app.kubernetes.io/component": "server"}
 ADMIN_CLIENT_LABEL = {"adaptserve.io/admin-client": "true"}
 
@@ -96,10 +104,11 @@ def all_rendered(render) -> list[tuple[str, Manifest]]:
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_overlay_renders_every_object_the_fleet_needs(render, name):
     kinds = sorted(o["kind"] for o in overlay(render, name))
+    # The store: a shared claim, or a bucket (its region/endpoint ConfigMap and credentials Secret).
+    store = ["PersistentVolumeClaim"] if name in VOLUME_STORE_OVERLAYS else ["ConfigMap", "Secret"]
     assert kinds == sorted([
         "ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-        "PersistentVolumeClaim", "PodDisruptionBudget", "Secret", "Service", "Service",
-        "ServiceMonitor",
+        "PodDisruptionBudget", "Secret", "Service", "Service", "ServiceMonitor", *store,
     ])
 
 
@@ -159,8 +168,8 @@ def test_every_env_var_the_manifests_set_is_a_valid_server_setting(render, name,
     objects = overlay(render, name)
     env = container_env(objects, server_container(objects))
     fields = {f"ADAPTSERVE_{field.upper()}" for field in Settings.model_fields}
-    unknown = sorted(set(env) - fields - PENDING_SETTINGS)
-    assert not unknown, f"env vars the server never reads: {unknown}"
+    unknown = sorted(set(env) - fields - PENDING_SETTINGS - AWS_SDK_VARIABLES)
+    assert not unknown, f"env vars neither the server nor boto3 reads: {unknown}"
     # And the values parse: the same Settings class the server builds at start.
     for key in [k for k in os.environ if k.startswith("ADAPTSERVE_")]:
         monkeypatch.delenv(key)
@@ -171,7 +180,7 @@ def test_every_env_var_the_manifests_set_is_a_valid_server_setting(render, name,
     assert settings.port == int(env["ADAPTSERVE_PORT"])
 
 
-@pytest.mark.parametrize("name", OVERLAYS)
+@pytest.mark.parametrize("name", VOLUME_STORE_OVERLAYS)
 def test_the_shared_store_volume_is_mounted_at_the_adapters_dir(render, name):
     objects = overlay(render, name)
     container, spec = server_container(objects), pod_spec(objects)
@@ -181,6 +190,29 @@ def test_the_shared_store_volume_is_mounted_at_the_adapters_dir(render, name):
     claim = next(v for v in spec["volumes"] if "persistentVolumeClaim" in v)["persistentVolumeClaim"]["claimName"]
     pvc = one(objects, "PersistentVolumeClaim", claim)
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica mounts it
+
+
+@pytest.mark.parametrize("name", OBJECT_STORE_OVERLAYS)
+def test_the_object_store_overlay_needs_no_shared_volume(render, name):
+    objects = overlay(render, name)
+    container, spec = server_container(objects), pod_spec(objects)
+    env = container_env(objects, container)
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    parse_s3_url(env["ADAPTSERVE_ADAPTERS_STORE"])  # what the server accepts at start
+    # Each pod's disk cache is its own emptyDir, sized above the cache's byte budget.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (cache,) = [m for m in container["volumeMounts"] if m["mountPath"] == env["ADAPTSERVE_STORE_CACHE_DIR"]]
+    limit = volumes[cache["name"]]["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 1024**3 > int(env["ADAPTSERVE_STORE_CACHE_BYTES"])
+    # Credentials only from the object-store Secret (which carries no data in git); never a literal.
+    credentials = {e["name"]: e for e in container.get("env", []) if e["name"].startswith("AWS_")}
+    assert set(credentials) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in credentials.values()}
+    (secret,) = secrets
+    assert one(objects, "Secret", secret).get("data") is None
+    if "AWS_ENDPOINT_URL" in env:
+        assert env["AWS_ENDPOINT_URL"].startswith(("http://", "https://"))
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
