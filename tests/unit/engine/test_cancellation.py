@@ -96,8 +96,14 @@ def test_deadline_frees_the_row(tiny_llama, llama_adapters, tmp_path):
     running = start_server(settings, engine_factory=slow_engine_factory)
     try:
         with running.client() as client:
-            body = client.post("/v1/generate", json={"prompt": "one", "max_new_tokens": 200}).json()
+            body = client.post("/v1/generate", json={"prompt": "one", "max_new_tokens": 200, "adapter": "gen-a"}).json()
         assert body["finish_reason"] == "timeout"
         assert body["usage"]["completion_tokens"] < 200
+        # The answer ended, so no cancel follows: the deadline alone must free the row and its
+        # adapter's slot, not leave it decoding out its 200 tokens (4 s at this step delay).
+        freed_after = wait_for(lambda: running_rows(running) == 0, timeout=2)
+        assert freed_after < 1.0
+        key = running.services.registry.lookup("gen-a").key
+        assert running.services.engine.resident_adapters()[key] is False, "the slot must have no user left"
     finally:
         stop_server(running)

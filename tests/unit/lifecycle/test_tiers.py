@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.lifecycle.conftest import ADMIN_HEADERS, KEY_HEADERS, upload
+from tests.conftest import start_server, stop_server, tiny_settings
+from tests.unit.lifecycle.conftest import ADMIN, ADMIN_HEADERS, KEY, KEY_HEADERS, metric, upload
 
 
 def table(client) -> dict[str, str]:
@@ -56,27 +57,81 @@ def test_budgets_evict_least_recently_used_and_pins_stay(client, sources, budget
     assert table(client) == {"tier-a": "device", "tier-b": "stored", "tier-c": "device"}
 
 
-def test_pinned_device_slot_survives_engine_lru(server, client, sources):
-    """The engine's own slot LRU (slot count, not bytes) passes pinned adapters by too."""
-    engine = server.services.engine
-    assert upload(client, "pin-slot", sources["v4"]).status_code in (200, 201)
-    client.post("/v1/adapters/pin-slot/pin", headers=ADMIN_HEADERS)
-    key = server.services.registry.lookup("pin-slot").key
-    assert key in engine.resident_adapters() and engine.slots.victim() != key
-    client.post("/v1/adapters/pin-slot/unpin", headers=ADMIN_HEADERS)
-    assert engine.slots.users[key] == 0
+@pytest.fixture(scope="module")
+def two_slots(tiny_llama, tmp_path_factory):
+    """A server whose engine has two adapter slots, so a third adapter forces an eviction."""
+    settings = tiny_settings(tiny_llama, tmp_path_factory.mktemp("two-slot-store"), tmp_path_factory.mktemp("srv"),
+                             admin_token=ADMIN, api_keys=[KEY], max_device_adapters=2)
+    running = start_server(settings)
+    yield running
+    stop_server(running)
 
 
-def test_lifecycle_metrics_are_exported(client):
-    use(client, "tier-c")
-    use(client, "tier-c")  # resident by now: a device hit
-    text = client.get("/metrics").text
-    for line in ('adaptserve_adapter_load_seconds_bucket{le="0.01",tier="cpu"}',
-                 'adaptserve_adapter_load_seconds_count{tier="device"}',
-                 'adaptserve_adapter_cache_hits_total{tier="device"}',
-                 'adaptserve_adapter_cache_misses_total{tier="cpu"}',
-                 'adaptserve_adapter_cache_evictions_total{tier="cpu"}',
-                 'adaptserve_adapters_resident{tier="device"}',
-                 'adaptserve_adapter_resident_bytes{tier="cpu"}',
-                 'vllm:lora_adapter_loaded{adapter_name="tier-a",level="gpu",pinned="false"} 1.0'):
-        assert line in text, line
+def test_engine_slot_lru_evicts_around_a_pin_then_takes_it_once_unpinned(two_slots, sources):
+    """No byte budgets here: only the engine's own slot LRU decides, and the pinned adapter is
+    its least recently used slot whenever a third adapter needs one. Device loads are counted
+    too: a pin that let its slot go and was warmed again afterwards would end in the same table."""
+    engine = two_slots.services.engine
+    with two_slots.client() as client:
+        def device_loads_during(action) -> float:
+            before = metric(client, "adaptserve_adapter_load_seconds_count", tier="device")
+            action()
+            return metric(client, "adaptserve_adapter_load_seconds_count", tier="device") - before
+
+        for name, source in (("pinned", "v1"), ("x", "v2"), ("y", "v3")):
+            assert upload(client, name, sources[source]).status_code == 201
+        keys = {name: two_slots.services.registry.lookup(name).key for name in ("pinned", "x", "y")}
+        assert table(client) == {"pinned": "cpu", "x": "cpu", "y": "cpu"}
+
+        assert client.post("/v1/adapters/pinned/pin", headers=ADMIN_HEADERS).json()["pinned"] is True
+        use(client, "x")
+        assert set(engine.resident_adapters()) == {keys["pinned"], keys["x"]}
+        # Both slots taken: the pinned one is older, but only x may go (y is the one load).
+        assert device_loads_during(lambda: use(client, "y")) == 1
+        assert table(client) == {"pinned": "device", "x": "cpu", "y": "device"}
+        assert set(engine.resident_adapters()) == {keys["pinned"], keys["y"]}
+
+        assert client.post("/v1/adapters/pinned/unpin", headers=ADMIN_HEADERS).json()["pinned"] is False
+        assert device_loads_during(lambda: use(client, "x")) == 1  # now the pinned slot's turn to go
+        assert table(client) == {"pinned": "cpu", "x": "device", "y": "device"}
+        assert set(engine.resident_adapters()) == {keys["x"], keys["y"]}
+
+
+def test_lifecycle_metrics_count_what_each_step_did(server, client, sources):
+    """Counts are deltas over steps this test makes on its own adapter, whatever ran before."""
+    assert upload(client, "metrics-probe", sources["v4"]).status_code == 201  # validated: warm in cpu
+    series = [("adaptserve_adapter_cache_hits_total", "cpu"), ("adaptserve_adapter_cache_hits_total", "device"),
+              ("adaptserve_adapter_cache_misses_total", "cpu"), ("adaptserve_adapter_cache_misses_total", "device"),
+              ("adaptserve_adapter_cache_evictions_total", "cpu"),
+              ("adaptserve_adapter_cache_evictions_total", "device"),
+              ("adaptserve_adapter_load_seconds_count", "cpu"), ("adaptserve_adapter_load_seconds_count", "device")]
+
+    def counts() -> dict[tuple[str, str], float]:
+        return {(name, tier): metric(client, name, tier=tier) for name, tier in series}
+
+    def step(action) -> dict[str, float]:
+        before = counts()
+        action()
+        return {f"{name.removeprefix('adaptserve_adapter_')}[{tier}]": after - before[(name, tier)]
+                for (name, tier), after in counts().items() if after != before[(name, tier)]}
+
+    def unload():
+        assert client.post("/v1/adapters/metrics-probe/unload", headers=ADMIN_HEADERS).status_code == 200
+
+    assert step(unload) == {"cache_evictions_total[cpu]": 1}
+    assert step(lambda: use(client, "metrics-probe")) == {
+        "cache_misses_total[cpu]": 1, "load_seconds_count[cpu]": 1,
+        "cache_misses_total[device]": 1, "load_seconds_count[device]": 1}
+    assert step(lambda: use(client, "metrics-probe")) == {"cache_hits_total[cpu]": 1, "cache_hits_total[device]": 1}
+
+    resident = server.services.engine.resident_adapters()
+    assert metric(client, "adaptserve_adapters_resident", tier="device") == len(resident)
+    loaded = {"adapter_name": "metrics-probe", "level": "gpu", "pinned": "false"}
+    assert metric(client, "vllm:lora_adapter_loaded", **loaded) == 1
+    assert client.post("/v1/adapters/metrics-probe/pin", headers=ADMIN_HEADERS).status_code == 200
+    assert metric(client, "vllm:lora_adapter_loaded", **{**loaded, "pinned": "true"}) == 1
+    assert client.post("/v1/adapters/metrics-probe/unpin", headers=ADMIN_HEADERS).status_code == 200
+
+    assert step(unload) == {"cache_evictions_total[cpu]": 1, "cache_evictions_total[device]": 1}
+    assert metric(client, "vllm:lora_adapter_loaded", adapter_name="metrics-probe") == 0
+    assert metric(client, "adaptserve_adapters_resident", tier="device") == len(resident) - 1

@@ -15,6 +15,7 @@ from tests.unit.lifecycle.conftest import (
     KEY_HEADERS,
     file_parts,
     first_key,
+    metric,
     staging_debris,
     upload,
 )
@@ -174,7 +175,18 @@ def test_oversize_uploads_get_413_and_leave_no_staging(client, sources, server):
     assert staging_debris(store) == []
 
 
-def test_upload_metrics_count_outcomes(client):
-    text = client.get("/metrics").text
-    for outcome in ("created", "unchanged", "rejected", "too_large"):
-        assert f'adaptserve_adapter_uploads_total{{outcome="{outcome}"}}' in text
+def test_upload_metrics_count_each_outcome(client, sources, variant, server):
+    """Counts are deltas over the four uploads made here, whatever ran before."""
+    outcomes = ("created", "unchanged", "rejected", "too_large")
+    before = {o: metric(client, "adaptserve_adapter_uploads_total", outcome=o) for o in outcomes}
+    assert upload(client, "count-probe", sources["v3"]).status_code == 201
+    assert upload(client, "count-probe", sources["v3"]).status_code == 200
+    assert upload(client, "count-probe", variant(config={"r": 0})).status_code == 422
+    settings = server.services.settings
+    limit, settings.max_upload_bytes = settings.max_upload_bytes, 1024
+    try:
+        assert upload(client, "count-probe", sources["v4"]).status_code == 413
+    finally:
+        settings.max_upload_bytes = limit
+    after = {o: metric(client, "adaptserve_adapter_uploads_total", outcome=o) for o in outcomes}
+    assert {o: after[o] - before[o] for o in outcomes} == dict.fromkeys(outcomes, 1)
