@@ -1,31 +1,49 @@
-"""The shipped example adapters still hit their figures on the real default base.
+"""The shipped example adapters: their files, their data, the README's figures, and (slow) the
+figures themselves re-measured on the real default base.
 
-Re-evaluates adapters/examples/<name>/ on its held-out file (examples/data/<name>/test.jsonl)
-with the base beside: generation exact match base < 0.2 and adapter >= 0.8; classification
-base head near chance and adapter accuracy >= 0.9.
+Cheap checks run in the default suite: each manifest matches its files, the data hash in it
+matches the shipped data, and the README's example table and sentence say what the reports
+say. The slow ones re-evaluate adapters/examples/<name>/ on its held-out file
+(examples/data/<name>/test.jsonl) with the base beside: generation exact match base < 0.2 and
+adapter >= 0.8; classification base head near chance and adapter accuracy >= 0.9.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from adapters.package import content_sha256
+from trainer.data import files_sha256
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+EXAMPLES = ["date-iso", "ticket-routing"]
+SHOWN = {"exact_match": "exact match", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 def _example(name: str) -> Path:
     folder = REPO / "adapters" / "examples" / name
     if not (folder / "adapter_model.safetensors").is_file():
-        pytest.skip(f"example adapter {name} not trained: python examples/make_examples.py --train")
+        pytest.fail(f"example adapter {name} is not in the repository: python examples/make_examples.py --train")
     return folder
 
 
-@pytest.mark.parametrize("name", ["date-iso", "ticket-routing"])
+def _report(name: str) -> dict:
+    return json.loads((_example(name) / "report.json").read_text())
+
+
+def _readme_row(name: str) -> list[str]:
+    """The README example table's cells for `name`, bold marks dropped."""
+    row = re.search(rf"^\| `{re.escape(name)}` \|(.*)\|$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert row, f"README has no example-table row for {name}"
+    return [cell.strip().replace("**", "") for cell in row.group(1).split("|")]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_manifest_matches_its_files(name):
     folder = _example(name)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -34,6 +52,45 @@ def test_example_manifest_matches_its_files(name):
     assert (folder / "adapter_model.safetensors").stat().st_size < 5_000_000
 
 
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_was_trained_on_the_shipped_data(name):
+    manifest = json.loads((_example(name) / "manifest.json").read_text())
+    config = manifest["extra"]["training_config"]
+    files = [REPO / config["train_file"], REPO / config["validation_file"]]
+    assert manifest["extra"]["data_sha256"] == files_sha256(files), "examples/data changed since training"
+    held_out = _report(name)["data"]["held_out_examples"]
+    assert held_out == len((REPO / config["validation_file"]).read_text().splitlines())
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_readme_example_table_states_the_reported_figures(name):
+    report = _report(name)
+    _, held_out, base, adapter = _readme_row(name)
+    headline = report["headline_metric"]
+    assert held_out == f"{report['data']['held_out_examples']} examples"
+    assert f"{SHOWN[headline]} {report['base_metrics'][headline]:.2f}" in base
+    assert f"{SHOWN[headline]} {report['metrics'][headline]:.2f}" in adapter
+    if report["task"] == "classify":
+        assert f"(chance {1 / len(report['data']['labels']):.2f})" in base
+        assert f"{SHOWN['macro_f1']} {report['metrics']['macro_f1']:.2f}" in adapter
+
+
+def test_readme_example_sentence_states_the_reported_method():
+    sentence = re.search(r"Both are LoRA r=(\d+) on the attention projections of (\S+) \(([\d.]+) % of the\s+"
+                         r"parameters trainable\)", (REPO / "README.md").read_text())
+    assert sentence, "README's sentence under the example table changed: update this test with it"
+    rank, base, percent = sentence.groups()
+    for name in EXAMPLES:
+        report = _report(name)
+        config = report["training_config"]
+        assert report["method"] == "lora" and config["rank"] == int(rank), name
+        assert set(config["target_modules"]) <= ATTENTION, name
+        assert report["base_model"].endswith("/" + base), name
+        assert f"{report['trainable_percent']:.2f}" == percent, name
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_generation_example_beats_the_base():
     from trainer.eval_adapter import evaluate_adapter
 
@@ -42,6 +99,8 @@ def test_generation_example_beats_the_base():
     assert results["adapter"]["exact_match"] >= 0.8
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_classification_example_beats_the_base_head():
     from trainer.eval_adapter import evaluate_adapter
 
