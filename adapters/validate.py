@@ -205,6 +205,9 @@ def _check_config(config: dict[str, Any], signature: BaseSignature, limits: Adap
 
     targets = config.get("target_modules")
     names = signature.adaptable_modules
+    # PEFT matches targets against full module names ("model.layers.0.mlp.up_proj": what
+    # `all-linear` expands to when saved), so the backbone-prefixed names count too.
+    names = names + [f"{signature.backbone_prefix}.{n}" for n in names]
     if isinstance(targets, str):
         if targets != "all-linear":
             try:
@@ -212,8 +215,7 @@ def _check_config(config: dict[str, Any], signature: BaseSignature, limits: Adap
             except re.error as exc:
                 problems.append(f"target_modules regex does not compile: {exc}")
             else:
-                prefixed = [f"{signature.backbone_prefix}.{n}" for n in names]
-                if not any(regex.fullmatch(n) for n in names + prefixed):
+                if not any(regex.fullmatch(n) for n in names):
                     problems.append(f"target_modules {targets!r} matches no adaptable module of the base")
     elif isinstance(targets, list):
         for target in targets:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api import adapters, health, infer, merges, openai, routes, ui
+from server.api import adapters, health, infer, merges, openai, routes, ui, vllm_adapters
 from server.api.deps import InferenceKeyDep
 from server.api.disconnect import ClientGone
 from server.auth import Authenticator, is_loopback_host
@@ -234,6 +234,7 @@ def create_app(
         app.include_router(ui.router)
     if surface in ("all", "admin"):
         app.include_router(adapters.router)
+        app.include_router(vllm_adapters.router)
         app.include_router(merges.router)
         app.include_router(routes.router)
     bind = services.settings.admin_host if surface == "admin" else services.settings.host

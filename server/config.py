@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import DirectoryPath, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _user_cache_dir() -> Path:
@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         1.0, gt=0, le=60,
         description="How often the adapter store is rescanned (one LIST on object storage when nothing "
         "changed), so replicas sharing it converge.",
+    )
+    adapter_import_dir: Annotated[list[DirectoryPath], NoDecode] = Field(
+        default_factory=list,
+        description="Folders (besides adapters_dir) that POST /v1/load_lora_adapter may read a `lora_path` "
+        "from; repeat the flag, or separate them with ':' in the environment variable.",
     )
 
     # --- task routes and merges ----------------------------------------------------------
@@ -173,3 +178,10 @@ class Settings(BaseSettings):
 
             parse_s3_url(value)
         return value
+
+    @field_validator("adapter_import_dir", mode="before")
+    @classmethod
+    def _split_import_dirs(cls, value: object) -> object:
+        # An empty item would be Path("") = the working directory: dropped, never allowed.
+        items = value.split(os.pathsep) if isinstance(value, str) else value
+        return [item for item in items if item != ""] if isinstance(items, list) else items

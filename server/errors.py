@@ -87,6 +87,16 @@ class AdapterConflict(AdaptserveError):
     code = "adapter_conflict"
 
 
+class PathNotAllowed(AdaptserveError):
+    """A server-side path (vLLM's `lora_path`) that resolves outside the folders adapters may be read from."""
+
+    code = "path_not_allowed"
+
+
+class AdapterPathNotFound(AdaptserveError):
+    code = "adapter_path_not_found"
+
+
 class InvalidImage(AdaptserveError):
     """Not decodable: bad base64, an empty file, a corrupt header or pixel data."""
 
@@ -156,6 +166,8 @@ ERROR_STATUS: dict[type[AdaptserveError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     AdapterConflict: 409,
+    PathNotAllowed: 403,
+    AdapterPathNotFound: 404,
     InvalidImage: 400,
     UnsupportedImageFormat: 415,
     ImageTooLarge: 413,

@@ -2,6 +2,10 @@
 
 Shared by the native API and the OpenAI-compatible one, so both enforce the same limits
 before any work is queued. No torch, no fastapi.
+
+A request is sent to the model as given. When the adapter's manifest records how its
+training prompts were formatted (adaptserve's trainer writes it), a request in another
+shape is still served, with warnings saying which shape the adapter was trained on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Sequence
 
 from adapters.images import ImagePolicy, ImageRejected, decode_image
+from adapters.manifest import PromptFormat
 from adapters.merge import MergeSpec
 from server.config import Settings
 from server.contract import (
@@ -60,6 +65,57 @@ class Target:
     def label(self) -> str:
         """`name@version` for logs and responses (a merge's version is its recipe hash)."""
         return f"{self.binding.name}@{self.binding.version}" if self.binding else "__base__"
+
+
+@dataclass(frozen=True)
+class PromptWarning:
+    """A request whose shape differs from the adapter's training prompts (answered anyway)."""
+
+    code: Literal["prompt_format_mismatch", "system_prompt_mismatch"]
+    message: str
+    trained_on: Literal["prompt", "messages"]  # the request field that gets the trained behaviour
+
+
+SYSTEM_PROMPT_SHOWN = 200  # characters of a recorded system prompt quoted in a warning
+
+
+def prompt_warnings(binding: AdapterBinding | None, messages: Sequence[dict] | None) -> tuple[PromptWarning, ...]:
+    """Where a request (`messages`, or None for a raw `prompt`) departs from the adapter's training format.
+
+    None for the base, merges and adapters without a recorded format: nothing is known, so
+    nothing is said.
+    """
+    prompt_format: PromptFormat | None = binding.package.manifest.prompt_format if binding is not None else None
+    if prompt_format is None:
+        return ()
+    ref, trained_on = f"{binding.name}@{binding.version}", prompt_format.request_field
+    rows = f"{prompt_format.source_keys} rows"
+    if prompt_format.kind == "raw" and messages is not None:
+        return (PromptWarning(
+            "prompt_format_mismatch",
+            f"adapter {ref} was trained on raw prompts ({rows}, no chat template); this request sent `messages`, "
+            "rendered with the chat template. Send the text as `prompt` (/v1/generate or /v1/completions) "
+            "for the trained behaviour.", trained_on),)
+    if prompt_format.kind == "chat" and messages is None:
+        return (PromptWarning(
+            "prompt_format_mismatch",
+            f"adapter {ref} was trained on chat messages ({rows}, through the base's chat template); this "
+            "request sent a raw `prompt`, which reaches the model without the template. Send `messages` "
+            "(/v1/generate or /v1/chat/completions) for the trained behaviour.", trained_on),)
+    if prompt_format.kind == "chat":
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        if prompt_format.system_prompt is not None and system != prompt_format.system_prompt:
+            shown = prompt_format.system_prompt[:SYSTEM_PROMPT_SHOWN]
+            return (PromptWarning(
+                "system_prompt_mismatch",
+                f"adapter {ref} was trained with the system message {shown!r}; this request has "
+                f"{'no system message' if system is None else 'a different one'}.", trained_on),)
+        if "system" not in prompt_format.roles and system is not None:
+            return (PromptWarning(
+                "system_prompt_mismatch",
+                f"adapter {ref} was trained without a system message (the chat template's default applied); "
+                "this request has one.", trained_on),)
+    return ()
 
 
 @dataclass

@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from trainer.config import METHODS, TrainConfig
+from trainer.prompt_format import PROMPT_FORMAT_CHOICES
 
 EXIT_USAGE = 2
 
@@ -32,6 +33,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     add("--num-virtual-tokens", dest="num_virtual_tokens", type=int)
     add("--last-n-layers", dest="last_n_layers", type=int)
     add("--quantize", choices=["none", "nf4"], help="nf4 = QLoRA (bitsandbytes; meant for CUDA)")
+    add("--prompt-format", dest="prompt_format", choices=PROMPT_FORMAT_CHOICES,
+        help="generation: auto (default) = input/target and prompt/completion rows as raw text, answered from "
+             "`prompt`; messages rows through the chat template, answered from `messages`. chat = wrap raw rows "
+             "as one user turn (served through `messages`)")
     add("--epochs", type=float)
     add("--max-steps", dest="max_steps", type=int)
     add("--batch-size", dest="batch_size", type=int)
@@ -80,8 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="held-out metrics of an adapter (or the bare base), base beside")
     evaluate.add_argument("data_file")
-    evaluate.add_argument("--adapter", help="adapter folder (omit to evaluate the bare base)")
-    evaluate.add_argument("--base", help="override the base named in the adapter's manifest")
+    evaluate.add_argument("--adapter", help="adapter folder; with --server, the served adapter's name (omit: the bare base)")
+    evaluate.add_argument("--server", help="measure through a running server's HTTP API instead, e.g. http://127.0.0.1:8000")
+    evaluate.add_argument("--api", choices=["native", "openai"], default="native",
+                          help="with --server: /v1/generate (native) or /v1/completions and /v1/chat/completions")
+    evaluate.add_argument("--api-key", help="with --server: an inference API key, when the server requires one")
+    evaluate.add_argument("--concurrency", type=int, default=8, help="with --server: requests in flight")
+    evaluate.add_argument("--base", help="override the base named in the adapter's manifest (offline only)")
     evaluate.add_argument("--task", choices=["generate", "classify"])
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -128,6 +138,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"adapter {report['adapter']['name']}@{report['adapter']['version']} ({report['adapter']['size_bytes'] / 1e6:.2f} MB)")
     print(f"serving: {report['serving']['level']} ({report['serving']['reason']})")
     print(serving_summary())
+    print(f"ask it with `{report['request']['field']}`: {report['request']['curl']}")
     return 0
 
 
@@ -145,22 +156,47 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.eval_adapter import evaluate_adapter
+    if args.server:
+        from trainer.eval_server import ServerEvalError, evaluate_server
 
-    results = evaluate_adapter(
-        args.data_file, args.adapter, base=args.base, task=args.task, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
-    )
+        try:
+            results = evaluate_server(
+                args.data_file, args.server, args.adapter, task=args.task, max_new_tokens=args.max_new_tokens,
+                api=args.api, api_key=args.api_key, concurrency=args.concurrency,
+            )
+        except ServerEvalError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    else:
+        from trainer.eval_adapter import evaluate_adapter
+
+        results = evaluate_adapter(
+            args.data_file, args.adapter, base=args.base, task=args.task, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
     if args.as_json:
         print(json.dumps(results, indent=2))
         return 0
-    keys = ("exact_match", "token_f1", "perplexity") if results["task"] == "generate" else ("accuracy", "macro_f1")
-    print(f"{'metric':<12} {'base':>10}" + (f" {'adapter':>10}" if "adapter" in results else ""))
-    for key in keys:
-        row = f"{key:<12} {results['base'][key]:>10.4f}"
-        if "adapter" in results:
-            row += f" {results['adapter'][key]:>10.4f}"
-        print(row)
+    _print_metrics(results)
     return 0
+
+
+def _print_metrics(results: dict) -> None:
+    keys = ("exact_match", "token_f1", "perplexity") if results["task"] == "generate" else ("accuracy", "macro_f1")
+    columns = [(title, results[title]) for title in ("base", "adapter") if results.get(title) is not None]
+    if "server" in results:
+        served = results.get("served")
+        print(f"through {results['server']} ({results['api']} API)"
+              + (f", adapter {served['name']}@{served['version']}" if served else "")
+              + f", asked with `{results['request']['path']}`: {json.dumps(results['request']['body'])[:200]}")
+    print(f"{'metric':<12}" + "".join(f" {title:>10}" for title, _ in columns))
+    for key in keys:
+        # Over HTTP there are no token log-probabilities: perplexity is offline only.
+        cells = "".join(f" {m[key]:>10.4f}" if key in m else f" {'–':>10}" for _, m in columns)
+        print(f"{key:<12}{cells}")
+    for title, metrics in columns:
+        if metrics.get("warned_responses"):
+            print(f"note: {metrics['warned_responses']} {title} response(s) carried a warning: {metrics['warning']}")
 
 
 def _push(args: argparse.Namespace) -> int:

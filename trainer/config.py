@@ -15,6 +15,7 @@ import yaml
 
 from adapters.manifest import Task
 from adapters.package import NAME_PATTERN
+from trainer.prompt_format import PROMPT_FORMAT_CHOICES, PromptFormatChoice
 
 Method = Literal["lora", "rslora", "dora", "ia3", "prompt-tuning", "last-n-layers"]
 METHODS: tuple[str, ...] = ("lora", "rslora", "dora", "ia3", "prompt-tuning", "last-n-layers")
@@ -40,6 +41,8 @@ class TrainConfig:
     num_virtual_tokens: int = 16
     last_n_layers: int = 2
     quantize: Literal["none", "nf4"] = "none"  # QLoRA: nf4 base via bitsandbytes
+    # generation: auto = {"input","target"}/{"prompt","completion"} rows raw, "messages" rows chat
+    prompt_format: PromptFormatChoice = "auto"
     # optimisation
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
@@ -69,6 +72,8 @@ class TrainConfig:
             problems.append("validation_fraction must be between 0 and 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append("warmup_ratio must be in [0, 1)")
+        if self.prompt_format not in PROMPT_FORMAT_CHOICES:
+            problems.append(f"prompt_format must be one of {', '.join(PROMPT_FORMAT_CHOICES)}, got {self.prompt_format!r}")
         if self.quantize not in ("none", "nf4"):
             problems.append(f"quantize must be 'none' or 'nf4', got {self.quantize!r}")
         if self.quantize == "nf4" and self.method in ("last-n-layers",):

@@ -1,9 +1,11 @@
 """Reading training data: JSONL (generation or classification) and CSV (classification).
 
 Generation rows, one JSON object per line, in any of three shapes:
-  {"input": ..., "target": ...}        the seed's form; rendered as one chat turn
-  {"messages": [{"role", "content"}...]} chat; the last message is the assistant answer
+  {"input": ..., "target": ...}        the seed's form; raw text, no chat template
   {"prompt": ..., "completion": ...}   raw text, no chat template
+  {"messages": [{"role", "content"}...]} chat; the last message is the assistant answer
+How each shape becomes a prompt (and which request shape the adapter then answers) is
+decided in trainer/prompt_format.py.
 Classification rows: {"text": ..., "label": ...} in JSONL, or a CSV with text,label columns.
 
 Every malformed row is reported with file, line and reason, all at once.
@@ -17,7 +19,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from adapters.manifest import Task
 
@@ -36,12 +38,16 @@ class DataError(ValueError):
         super().__init__("invalid training data:\n  " + "\n  ".join(shown))
 
 
+RowShape = Literal["input/target", "prompt/completion", "messages"]
+
+
 @dataclass(frozen=True)
 class GenerationExample:
     # Either chat messages (the answer is the final assistant message, not included here)
     # or a raw prompt string; `answer` is what the model must produce.
     prompt: str | tuple[tuple[str, str], ...]
     answer: str
+    shape: RowShape = "prompt/completion"  # the row's shape in the data file
 
     @property
     def is_chat(self) -> bool:
@@ -107,9 +113,7 @@ def _generation_row(row: dict) -> GenerationExample:
                     raise ValueError(f"{key!r} must be a string, got {_kind(value)}")
             if not answer.strip():
                 raise ValueError(f"{answer_key!r} is empty")
-            if prompt_key == "input":
-                return GenerationExample(prompt=(("user", prompt),), answer=answer)
-            return GenerationExample(prompt=prompt, answer=answer)
+            return GenerationExample(prompt=prompt, answer=answer, shape=f"{prompt_key}/{answer_key}")
     raise ValueError(
         'expected {"input","target"}, {"prompt","completion"} or {"messages": [...]}, '
         f"got keys {sorted(row)}"
@@ -128,7 +132,7 @@ def _chat_row(messages: object) -> GenerationExample:
         turns.append((message["role"], message["content"]))
     if turns[-1][0] != "assistant":
         raise ValueError("the last message must have role 'assistant' (it is the answer trained on)")
-    return GenerationExample(prompt=tuple(turns[:-1]), answer=turns[-1][1])
+    return GenerationExample(prompt=tuple(turns[:-1]), answer=turns[-1][1], shape="messages")
 
 
 def _classification_row(row: dict) -> ClassificationExample:
@@ -159,6 +163,19 @@ def _load_csv(path: Path) -> list[Example]:
     if problems:
         raise DataError(problems)
     return examples
+
+
+def to_row(example: Example) -> dict:
+    """The JSONL row `example` reads back from: the inverse of the parsers above."""
+    if isinstance(example, ClassificationExample):
+        return {"text": example.text, "label": example.label}
+    if example.shape == "messages":
+        turns = [*example.prompt, ("assistant", example.answer)]
+        return {"messages": [{"role": role, "content": content} for role, content in turns]}
+    prompt_key, answer_key = example.shape.split("/")
+    # A raw row rendered as one user turn (prompt_format chat) keeps its text in that turn.
+    prompt = example.prompt if isinstance(example.prompt, str) else example.prompt[0][1]
+    return {prompt_key: prompt, answer_key: example.answer}
 
 
 def _kind(value: object) -> str:

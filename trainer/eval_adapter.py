@@ -1,4 +1,8 @@
-"""`eval`: held-out metrics for an existing adapter folder (or the bare base), base beside."""
+"""`eval`: held-out metrics for an existing adapter folder (or the bare base), base beside.
+
+Generation rows are asked in the prompt format the adapter's manifest records (or by
+trainer/prompt_format.py's rule when it records none), as the server is asked.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from adapters.manifest import MANIFEST_FILE, AdapterManifest
 from trainer.data import load_examples
 from trainer.evaluation import evaluate_classification, evaluate_generation
 from trainer.models import load_adapter, load_base_model, load_tokenizer
+from trainer.prompt_format import in_format
 
 
 def evaluate_adapter(
@@ -33,6 +38,8 @@ def evaluate_adapter(
     base_name = base or (manifest.base_model if manifest and manifest.base_model else None) or _peft_base(adapter_dir) or "smollm2-135m-instruct"
     resolved = resolve_base(base_name)
     examples = load_examples(data_file, task)
+    if task == "generate":
+        examples = in_format(examples, manifest.prompt_format if manifest else None)
     labels = _labels(task, manifest, examples, data_file)
 
     tokenizer = load_tokenizer(resolved)

@@ -1,8 +1,13 @@
 """Turning examples into model inputs: prompts, answer-only labels, padding.
 
-The prompt rendering here is the contract with serving: a {"input","target"} or chat row is
-rendered with the base's chat template (add_generation_prompt), exactly what an OpenAI-style
-chat request to the server produces; {"prompt","completion"} rows are raw text.
+The prompt's token ids here are the contract with serving: they are made exactly as the
+server makes a request's (server/engine TorchEngine.tokenize), so an adapter sees at serve
+time the ids it was trained on. A raw prompt (what a request's `prompt` carries) goes
+through the tokenizer with its special tokens, e.g. the BOS a Llama tokenizer adds; chat
+turns (a request's `messages`) go through the base's chat template with the generation
+prompt, whose text already holds every special token. The answer follows the prompt's ids
+directly (no space or separator is inserted) and ends with EOS, where the server stops.
+Which rows are raw and which chat is decided in trainer/prompt_format.py.
 """
 
 from __future__ import annotations
@@ -18,18 +23,23 @@ IGNORE_INDEX = -100  # label value the loss skips: every prompt and padding posi
 
 
 def render_prompt(example: GenerationExample, tokenizer) -> str:
+    """The prompt as text (what a report shows); chat rows through the chat template."""
     if not example.is_chat:
         return example.prompt
     messages = [{"role": role, "content": content} for role, content in example.prompt]
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # A base without a chat template: a plain transcript ending where the answer starts.
-    return "".join(f"{role}: {content}\n" for role, content in messages) + "assistant: "
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(example: GenerationExample, tokenizer) -> list[int]:
+    """The ids the server gives the same request: `prompt` = the raw text, `messages` = the turns."""
+    if not example.is_chat:
+        return list(tokenizer(example.prompt)["input_ids"])
+    return list(tokenizer(render_prompt(example, tokenizer), add_special_tokens=False)["input_ids"])
 
 
 def encode_generation(example: GenerationExample, tokenizer, max_length: int) -> dict[str, list[int]]:
     """input_ids = prompt + answer + eos; labels mask the prompt so loss is on the answer only."""
-    prompt_ids = tokenizer(render_prompt(example, tokenizer), add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(example, tokenizer)
     answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
@@ -38,10 +48,10 @@ def encode_generation(example: GenerationExample, tokenizer, max_length: int) ->
     if room < 1:
         answer_ids = answer_ids[: max_length - 1]
         room = 1
-    prompt_ids = prompt_ids[-room:]
+    prompt = prompt[-room:]
     return {
-        "input_ids": prompt_ids + answer_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+        "input_ids": prompt + answer_ids,
+        "labels": [IGNORE_INDEX] * len(prompt) + answer_ids,
     }
 
 

@@ -47,7 +47,7 @@ def push_adapter(directory: Path, server: str, token: str | None, name: str | No
         for handle in handles.values():
             handle.close()
     if response.status_code >= 400:
-        raise PushError(f"server refused the adapter ({response.status_code}): {_error_message(response)}")
+        raise PushError(f"server refused the adapter ({response.status_code}): {error_message(response)}")
     return response.json()
 
 
@@ -59,7 +59,7 @@ def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _error_message(response: httpx.Response) -> str:
+def error_message(response: httpx.Response) -> str:
     # The server answers errors in OpenAI's shape: {"error": {"message": ...}}.
     try:
         body = response.json()

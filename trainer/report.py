@@ -1,4 +1,10 @@
-"""The output folder's documents: manifest.json, report.json, report.md, loss and metric plots."""
+"""The output folder's documents: manifest.json, report.json, report.md, loss and metric plots.
+
+The report names the request shape the adapter was trained on and shows, as curl and
+`openai` calls, the exact request `adaptserve eval --server` sends for a held-out row, so its
+metric can be reproduced against a running server. When the held-out rows were split off the
+training file, they are written beside it (held_out.jsonl) for that command.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterManifest
+from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterManifest, PromptFormat
 from adapters.package import content_sha256
+from trainer.data import to_row
 from trainer.evaluation import HEADLINE_METRIC
 from trainer.methods import SERVING_SUPPORT, serving_summary
+from trainer.serving_request import (
+    DEFAULT_SERVER,
+    NATIVE,
+    OPENAI,
+    classification_request,
+    curl_command,
+    generation_request,
+    openai_snippet,
+)
 from trainer.training import TrainingOutcome
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOSS_PLOT = "loss.png"
 METRICS_PLOT = "metrics.png"
+HELD_OUT_FILE = "held_out.jsonl"  # written only when the held-out rows were split off the training file
 
 
 def write_outputs(outcome: TrainingOutcome) -> dict[str, Any]:
@@ -27,6 +44,8 @@ def write_outputs(outcome: TrainingOutcome) -> dict[str, Any]:
         manifest = build_manifest(outcome, directory, report)
         manifest.write(directory)
         report["adapter"] = {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256, "size_bytes": manifest.size_bytes}
+    if not outcome.config.validation_file:
+        (directory / HELD_OUT_FILE).write_text("".join(json.dumps(to_row(e)) + "\n" for e in outcome.data.held_out))
     plot_loss(outcome, directory / LOSS_PLOT)
     if outcome.base_metrics is not None:
         plot_metrics_vs_base(outcome, directory / METRICS_PLOT)
@@ -59,9 +78,39 @@ def build_report(outcome: TrainingOutcome) -> dict[str, Any]:
         "wall_seconds": sum(r.wall_seconds for r in outcome.runs),
         "data": {"train_examples": len(outcome.data.train), "held_out_examples": len(outcome.data.held_out), "sha256": outcome.data.sha256, "labels": outcome.data.labels},
         "training_config": config.to_dict(),
+        "request": build_request_section(outcome),
         "loss_history": [
             {k: entry[k] for k in ("step", "loss", "eval_loss") if k in entry} for entry in best.log_history
         ],
+    }
+
+
+def build_request_section(outcome: TrainingOutcome) -> dict[str, Any]:
+    """How to ask the served adapter: the trained request shape, one held-out row as curl and
+    openai, and the command that measures the whole held-out set through a server."""
+    config, data = outcome.config, outcome.data
+    name, example = config.adapter_name, data.held_out[0]
+    held_out_file = config.validation_file or str(Path(config.output_dir) / HELD_OUT_FILE)
+    if config.task == "classify":
+        native, openai = classification_request([example], name), None
+        field, reference = "inputs", example.label
+        evaluate = f"adaptserve eval --server {DEFAULT_SERVER} --adapter {name} {held_out_file}"
+    else:
+        native = generation_request(example, name, config.max_new_tokens, NATIVE)
+        openai = generation_request(example, name, config.max_new_tokens, OPENAI)
+        field, reference = data.prompt_format.request_field, example.answer
+        evaluate = (f"adaptserve eval --server {DEFAULT_SERVER} --adapter {name} {held_out_file} "
+                    f"--max-new-tokens {config.max_new_tokens}")
+    return {
+        "field": field,
+        "prompt_format": data.prompt_format.to_dict() if data.prompt_format else None,
+        "native": {"path": native.path, "body": native.body},
+        "openai": {"path": openai.path, "body": openai.body} if openai else None,
+        "curl": curl_command(native),
+        "openai_python": openai_snippet(openai) if openai else None,
+        "reference": reference,
+        "held_out_file": held_out_file,
+        "eval_command": evaluate,
     }
 
 
@@ -82,6 +131,7 @@ def build_manifest(outcome: TrainingOutcome, directory: Path, report: dict[str, 
         base_model=outcome.base.canonical_id,
         labels=tuple(outcome.data.labels) if outcome.data.labels else None,
         created_at=time.time(),
+        prompt_format=outcome.data.prompt_format,
         extra={
             "metrics": _scalars(report["metrics"]),
             "base_metrics": _scalars(report["base_metrics"] or {}),
@@ -138,12 +188,48 @@ def render_markdown(report: dict[str, Any]) -> str:
         base_samples = (report["base_metrics"] or {}).get("samples") or [{}] * len(report["metrics"]["samples"])
         for sample, base_sample in zip(report["metrics"]["samples"], base_samples):
             lines.append(f"| {_cell(sample['reference'])} | {_cell(sample['prediction'])} | {_cell(base_sample.get('prediction', '–'))} |")
+    lines += _request_markdown(report)
     lines += ["", f"![loss]({LOSS_PLOT})"]
     if report["base_metrics"] is not None:
         lines.append(f"![metrics vs base]({METRICS_PLOT})")
     # Data paths in the config are as given, i.e. relative to where the run was started.
     lines += ["", f"Reproduce (from the directory the run started in): `adaptserve train --config {report['training_config']['output_dir']}/train_config.yaml`", ""]
     return "\n".join(lines)
+
+
+_SHAPES = {
+    "raw": "a raw `prompt`: the row's text as is, no chat template (`/v1/generate` `prompt`, `/v1/completions`)",
+    "chat": "chat `messages`, through the base's chat template (`/v1/generate` `messages`, `/v1/chat/completions`)",
+}
+
+
+def _request_markdown(report: dict[str, Any]) -> list[str]:
+    request = report["request"]
+    prompt_format = PromptFormat.from_dict(request["prompt_format"]) if request["prompt_format"] else None
+    lines = ["", "## Asking the served adapter", ""]
+    if report["serving"]["level"] == "not-served":
+        lines += [f"The server does not serve {report['method']} adapters ({report['serving']['reason']}).", ""]
+    if prompt_format is None:
+        lines.append("Request shape: `/v1/classify` with the texts as `inputs` (a classifier has one request shape).")
+    else:
+        lines.append(f"Request shape: **`{request['field']}`**. Trained on `{prompt_format.source_keys}` rows as "
+                     f"{_SHAPES[prompt_format.kind]}.")
+        if prompt_format.kind == "chat":
+            if prompt_format.system_prompt is not None:
+                lines.append(f"Every training row began with the system message `{_cell(prompt_format.system_prompt)}`: "
+                             "send it too.")
+            elif "system" not in prompt_format.roles:
+                lines.append("No training row had a system message (the chat template's default applied): send none.")
+        other = "prompt" if request["field"] == "messages" else "messages"
+        lines.append(f"A request sending `{other}` instead is answered as sent, with a `prompt_format_mismatch` "
+                     "entry in the response's `warnings`.")
+    lines += ["", f"One held-out row (reference `{_cell(str(request['reference']).strip())}`), greedy:", "",
+              "```bash", request["curl"], "```"]
+    if request["openai_python"]:
+        lines += ["", "```python", request["openai_python"], "```"]
+    lines += ["", "The held-out figures above, measured through a running server (the base beside):", "",
+              "```bash", request["eval_command"], "```"]
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -23,12 +23,14 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 from transformers.trainer_utils import get_last_checkpoint
 
 from adapters.bases import ResolvedBase, resolve_base
+from adapters.manifest import PromptFormat
 from trainer.config import TrainConfig
 from trainer.data import Example, files_sha256, label_names, load_examples, split_validation
 from trainer.evaluation import HEADLINE_METRIC, evaluate_classification, evaluate_generation
 from trainer.features import PaddingCollator, encode_classification, encode_generation
 from trainer.methods import SERVING_SUPPORT, apply_method, trainable_parameters
 from trainer.models import load_base_model, load_tokenizer
+from trainer.prompt_format import resolve_prompt_format
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class PreparedData:
     held_out: list[Example]
     labels: list[str] | None  # classify only, in id order
     sha256: str
+    prompt_format: PromptFormat | None = None  # generate only: how prompts are rendered (and served)
 
 
 @dataclass
@@ -84,7 +87,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_data(config: TrainConfig) -> PreparedData:
+def prepare_data(config: TrainConfig, has_chat_template: bool) -> PreparedData:
     examples = load_examples(config.train_file, config.task)
     if config.validation_file:
         train, held_out = examples, load_examples(config.validation_file, config.task)
@@ -92,7 +95,11 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         # The split seed is fixed (not per training seed) so --seeds compares runs on the same split.
         train, held_out = split_validation(examples, config.validation_fraction, seed=0)
     labels = label_names(train, held_out) if config.task == "classify" else None
-    return PreparedData(train, held_out, labels, files_sha256([config.train_file, config.validation_file]))
+    prompt_format = None
+    if config.task == "generate":
+        prompt_format, train, held_out = resolve_prompt_format(train, held_out, config.prompt_format, has_chat_template)
+    sha256 = files_sha256([config.train_file, config.validation_file])
+    return PreparedData(train, held_out, labels, sha256, prompt_format)
 
 
 def evaluate(model, tokenizer, config: TrainConfig, data: PreparedData) -> dict[str, Any]:
@@ -118,7 +125,7 @@ def run_training(config: TrainConfig) -> TrainingOutcome:
     if is_main_process():
         config.write(output_dir)
     base = resolve_base(config.base)
-    data = prepare_data(config)
+    data = prepare_data(config, has_chat_template=bool(load_tokenizer(base).chat_template))
     logger.info("%d training / %d held-out examples; %s", len(data.train), len(data.held_out), SERVING_SUPPORT[config.method].reason)
 
     runs: list[SeedRun] = []

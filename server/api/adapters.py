@@ -267,6 +267,8 @@ def _version_out(registry: Registry, version: AdapterVersion) -> dict:
     }
     if m.labels is not None:
         out["labels"] = list(m.labels)
+    if m.prompt_format is not None:
+        out["prompt_format"] = m.prompt_format.to_dict()  # the request shape it was trained on
     return out
 
 

@@ -41,7 +41,7 @@ from server.api.schemas import (
 from server.contract import AdapterBinding, GenerationRequest
 from server.config import Settings
 from server.errors import GenerationFailed, InvalidImage, LimitExceeded
-from server.inference import InferenceService, Kind, Target
+from server.inference import InferenceService, Kind, PromptWarning, Target, prompt_warnings
 
 router = APIRouter(tags=["inference"])
 
@@ -82,10 +82,11 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
     messages = [m.model_dump() for m in body.messages] if body.messages is not None else None
     target = await _resolve(inference, body, "generate", http_request)
     request = await inference.prepare_generation(body.prompt, messages, target, params)
+    warnings = prompt_warnings(request.adapter, messages)
     if body.stream:
         inference.scheduler.check_capacity()
         return StreamingResponse(
-            _sse(inference, request, target, http_request.state), media_type="text/event-stream",
+            _sse(inference, request, target, warnings, http_request.state), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     completion = await unless_disconnected(http_request, inference.complete(request, "generate", http_request.state))
@@ -98,11 +99,12 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
         adapter=_adapter_out(request.adapter),
         task=target.task,
         fallback=target.fallback,
+        warnings=warnings,
     )
 
 
 async def _sse(inference: InferenceService, request: GenerationRequest, target: Target,
-               log: State) -> AsyncIterator[str]:
+               warnings: tuple[PromptWarning, ...], log: State) -> AsyncIterator[str]:
     adapter = _adapter_out(request.adapter)
     async for event in inference.stream(request, "generate", log):
         if event.finished:
@@ -113,6 +115,7 @@ async def _sse(inference: InferenceService, request: GenerationRequest, target: 
                 "adapter": adapter.model_dump() if adapter else None,
                 "task": target.task,
                 "fallback": target.fallback,
+                "warnings": [dataclasses.asdict(w) for w in warnings],
             }
             if event.error:
                 final["error"] = {"code": "engine_error", "message": event.error}

@@ -33,6 +33,7 @@ from server.api.openai_schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    PromptFormatOut,
     UsageOut,
 )
 from server.api.schemas import ErrorResponse
@@ -46,6 +47,7 @@ from server.errors import (
     LimitExceeded,
     UnsupportedParameter,
 )
+from server.inference import PromptWarning, prompt_warnings
 from server.registry import AdapterVersion
 from server.services import Services
 
@@ -140,9 +142,11 @@ def _adapter_card(model_id: str, version: AdapterVersion, services: Services) ->
     manifest = version.manifest
     # root = the immutable version `model_id` resolves to now (vLLM puts a local path here;
     # server paths stay private).
+    prompt_format = PromptFormatOut(**manifest.prompt_format.to_dict()) if manifest.prompt_format else None
     return ModelCard(
         id=model_id, created=int(manifest.created_at or 0), root=manifest.ref, parent=services.info.base_id,
         version=manifest.version, task=manifest.task, max_model_len=services.info.max_context,
+        prompt_format=prompt_format,
     )
 
 
@@ -171,8 +175,9 @@ class _Run:
     """The engine requests behind one OpenAI call, and what its response and log line need."""
 
     def __init__(self, http_request: Request, services: Services, requests: list[GenerationRequest],
-                 n: int, kind: str, user: str | None):
+                 n: int, kind: str, user: str | None, warnings: tuple[PromptWarning, ...]):
         self.requests = requests
+        self.warnings = warnings  # shown in the response body, or in a stream's first chunk
         self.n = n
         self.kind = kind  # "chat_completions" or "completions": the TTFT histogram's label
         self.inference = services.inference
@@ -286,11 +291,16 @@ async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, str, str | 
                opening: list[dict]) -> AsyncIterator[str]:
     """OpenAI's stream: `opening` chunks, a chunk per text delta, one per finish, optional usage, [DONE]."""
 
+    warnings = [dataclasses.asdict(w) for w in run.warnings]  # sent once, with the first chunk
+
     def frame(choices: list[dict], usage: UsageOut | None = None) -> str:
         data = {"id": run.id, "object": _CHUNK_OBJECT[run.kind], "created": run.created, "model": run.model,
                 "choices": choices}
         if include_usage:
             data["usage"] = usage.model_dump() if usage else None
+        if warnings:
+            data["warnings"] = warnings.copy()
+            warnings.clear()
         return f"data: {json.dumps(data)}\n\n"
 
     if opening:
@@ -335,7 +345,8 @@ async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesD
         raise InvalidRequest("max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     requests = await _prepare(services, body, [{"messages": messages}], limit, limit_param, "messages")
-    run = _Run(http_request, services, requests, body.n, "chat_completions", body.user)
+    run = _Run(http_request, services, requests, body.n, "chat_completions", body.user,
+               prompt_warnings(requests[0].adapter, messages))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -351,6 +362,7 @@ async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesD
         id=run.id, created=run.created, model=run.model, usage=run.usage(),
         choices=[ChatChoice(index=i, message=ChatMessageOut(content=t), finish_reason=r)
                  for i, (t, r) in enumerate(zip(texts, reasons))],
+        warnings=run.warnings,
     )
 
 
@@ -363,7 +375,8 @@ async def completions(body: CompletionRequest, services: ReadyServicesDep, http_
     _check_supported(body, len(prompts), services.settings.max_n)
     requests = await _prepare(services, body, [{"prompt": p} for p in prompts], body.max_tokens, "max_tokens",
                               "prompt")
-    run = _Run(http_request, services, requests, body.n, "completions", body.user)
+    run = _Run(http_request, services, requests, body.n, "completions", body.user,
+               prompt_warnings(requests[0].adapter, None))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -375,4 +388,5 @@ async def completions(body: CompletionRequest, services: ReadyServicesDep, http_
     return CompletionResponse(
         id=run.id, created=run.created, model=run.model, usage=run.usage(),
         choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],
+        warnings=run.warnings,
     )

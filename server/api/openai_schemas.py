@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.schemas import Text
+from server.api.schemas import PromptWarnings, Text
 
 
 class StreamOptions(BaseModel):
@@ -152,6 +152,17 @@ class UsageOut(BaseModel):
     total_tokens: int
 
 
+class PromptFormatOut(BaseModel):
+    """How an adapter's training prompts were formatted (adapters.manifest.PromptFormat)."""
+
+    kind: Literal["raw", "chat"] = Field(
+        ..., description="raw: send `prompt` (/v1/completions); chat: send `messages` (/v1/chat/completions)."
+    )
+    source: str | None = Field(None, description="The training rows' shape: input/target, prompt/completion, messages.")
+    roles: list[str] = Field(default_factory=list, description="chat: roles of the prompt turns seen in training.")
+    system_prompt: str | None = Field(None, description="chat: the system message every training row began with.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -162,6 +173,9 @@ class ModelCard(BaseModel):
     version: str | None = None
     task: str
     max_model_len: int | None = None
+    prompt_format: PromptFormatOut | None = Field(
+        None, description="How the adapter's training prompts were formatted; null when its manifest does not say."
+    )
 
 
 class ModelList(BaseModel):
@@ -183,6 +197,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageOut
+    warnings: PromptWarnings
 
 
 class ChatMessageOut(BaseModel):
@@ -204,3 +219,4 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageOut
+    warnings: PromptWarnings

@@ -101,6 +101,23 @@ class AdapterRefOut(BaseModel):
     version: str
 
 
+class PromptWarningOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # built straight from server.inference.PromptWarning
+    code: Literal["prompt_format_mismatch", "system_prompt_mismatch"]
+    message: str
+    trained_on: Literal["prompt", "messages"] = Field(
+        ..., description="The request field that gets the adapter's trained behaviour."
+    )
+
+
+# Shared by the native and the OpenAI responses.
+PromptWarnings = Annotated[list[PromptWarningOut], Field(
+    default_factory=list,
+    description="The request's shape differs from the adapter's training prompts (recorded in its manifest); "
+    "it was answered as sent. Always empty for adapters without a recorded format.",
+)]
+
+
 class GenerateResponse(BaseModel):
     text: str
     finish_reason: str
@@ -108,6 +125,7 @@ class GenerateResponse(BaseModel):
     adapter: AdapterRefOut | None
     task: str | None = Field(None, description="The route that picked `adapter`, when the request named a task.")
     fallback: bool = Field(False, description="The route's target was unavailable; its fallback served.")
+    warnings: PromptWarnings
 
 
 class ClassifyRequest(TargetFields):

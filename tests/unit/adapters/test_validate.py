@@ -214,3 +214,12 @@ def test_plain_peft_adapter_without_task_type_loads(tiny_llama, tmp_path, signat
 def test_auto_mapping_naming_anything_but_a_transformers_class_is_refused(adapter, signature, auto_mapping):
     edit_config(adapter, auto_mapping=auto_mapping)
     assert any("auto_mapping" in p for p in problems(adapter, signature))
+
+
+def test_targets_named_by_full_module_path_load(tiny_llama, tmp_path, signature):
+    # What PEFT saves for target_modules="all-linear" (adaptserve train's default): full paths.
+    full = make_lora(tiny_llama, tmp_path / "full", r=4, targets=("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"))
+    package = load_adapter_dir(full, "full", signature, AdapterLimits())
+    assert set(package.modules) == {"layers.0.self_attn.q_proj", "layers.1.mlp.up_proj"}
+    edit_config(full, target_modules=["model.layers.0.self_attn.nope"])
+    assert any("'model.layers.0.self_attn.nope' does not exist" in p for p in problems(full, signature, name="full"))

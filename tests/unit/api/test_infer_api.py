@@ -17,7 +17,8 @@ def error_code(response) -> str:
 def test_generate_response_shape(llama_server):
     with llama_server.client() as client:
         body = client.post("/v1/generate", json={"prompt": "the quick", "max_new_tokens": 5}).json()
-    assert set(body) == {"text", "finish_reason", "usage", "adapter", "task", "fallback"}
+    assert set(body) == {"text", "finish_reason", "usage", "adapter", "task", "fallback", "warnings"}
+    assert body["warnings"] == []  # the base has no recorded prompt format
     assert body["finish_reason"] in ("stop", "length")
     assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 5
     assert body["adapter"] is None

@@ -5,7 +5,7 @@ import json
 from trainer.cli import main
 from trainer.config import TrainConfig
 from trainer.compare import compare_methods
-from trainer.evaluation import classification_metrics, token_f1
+from trainer.metrics import classification_metrics, token_f1
 
 
 def test_compare_writes_table_json_and_plot(tmp_path, tiny_llama, generation_file):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from trainer.data import (
@@ -9,6 +11,7 @@ from trainer.data import (
     label_names,
     load_examples,
     split_validation,
+    to_row,
 )
 
 
@@ -29,9 +32,12 @@ def test_reads_all_three_generation_shapes(tmp_path):
         ' {"role": "assistant", "content": "hello"}]}\n',
     )
     seed_form, raw, chat = load_examples(path, "generate")
-    assert seed_form == GenerationExample(prompt=(("user", "2+2"),), answer="4")
-    assert raw == GenerationExample(prompt="Q: 3+3\nA:", answer=" 6") and not raw.is_chat
-    assert chat.prompt == (("system", "be brief"), ("user", "hi")) and chat.answer == "hello"
+    # {"input","target"} is raw text, like {"prompt","completion"}: answered from a plain `prompt`.
+    assert seed_form == GenerationExample(prompt="2+2", answer="4", shape="input/target") and not seed_form.is_chat
+    assert raw == GenerationExample(prompt="Q: 3+3\nA:", answer=" 6", shape="prompt/completion") and not raw.is_chat
+    assert chat.prompt == (("system", "be brief"), ("user", "hi")) and chat.answer == "hello" and chat.shape == "messages"
+    # Each reads back as the row it came from (held_out.jsonl beside a report).
+    assert [to_row(e) for e in (seed_form, raw, chat)] == [json.loads(line) for line in path.read_text().split("\n") if line]
 
 
 def test_every_bad_row_is_reported_with_file_line_and_reason(tmp_path):
