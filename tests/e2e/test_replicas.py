@@ -2,8 +2,8 @@
 one directory (an RWX volume in Kubernetes), and one bucket on a real S3 API server
 (moto's, in its own process) where each replica has only its own disk cache.
 
-Uploads, new versions, rollbacks, pins and deletes made through either replica reach the
-other by its store rescan within 5 s; same-name uploads on both replicas at once keep both
+Uploads, new versions, rollbacks, persistent merges, pins, routes and deletes made through
+either replica reach the other by its store rescan within 5 s; same-name uploads on both replicas at once keep both
 versions; a server killed with SIGKILL mid-upload leaves nothing half-visible, and its
 restart cleans the debris and keeps everything published before (on S3, served from its
 disk cache without fetching again). On S3, an outage keeps adapters in memory answering
@@ -207,6 +207,15 @@ def test_replicas_converge_within_five_seconds(pair, adapters):
 
         assert on_a.post("/v1/adapters/shared/rollback", headers=ADMIN).json()["current"] == v1
         timings["rollback"] = wait_until(lambda: current_on(on_b, "shared") == v1, "rollback on a seen by b")
+
+        merged = on_a.post("/v1/adapters/merge", headers=ADMIN, json={
+            "name": "blend", "method": "cat",
+            "sources": [{"name": f"shared@{v1}", "weight": 0.7}, {"name": f"shared@{v2}", "weight": 0.3}]})
+        assert merged.status_code == 201, merged.text
+        blend = merged.json()["version"]
+        timings["merge"] = wait_until(lambda: current_on(on_b, "blend") == blend, "persistent merge on a seen by b")
+        assert generate(on_b, "blend").json()["adapter"]["version"] == blend
+        assert on_b.delete("/v1/adapters/blend", headers=ADMIN).status_code == 200
 
         assert on_b.post("/v1/adapters/shared/pin", headers=ADMIN).status_code == 200
         timings["pin"] = wait_until(
