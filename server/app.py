@@ -34,6 +34,10 @@ ALWAYS_OPEN = ("/healthz", "/readyz", "/metrics")
 REQUEST_LOG_FIELDS = (
     "model", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "choices", "user", "error",
 )
+# How much of a body answered before it was read (a 413) is read and dropped, so the client
+# can finish writing and read the answer: a little over a 256 MB upload cap, for up to 30 s.
+DISCARD_LIMIT_BYTES = 320 * 1024 * 1024
+DISCARD_TIMEOUT_S = 30.0
 
 
 def error_body(code: str, message: str, status: int, param: str | None = None, details=None) -> dict:
@@ -110,11 +114,19 @@ class RequestMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["arrived"] = started
+        request_body = _RequestBody(receive, headers)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and request_body.unread:
+                # Answered before the body was read (413, 401 on an upload...): the answer goes
+                # out whole now, but completes only once the rest of the body is read, so the
+                # server never closes on unread bytes, whose RST can destroy the answer in flight.
+                await send({**message, "more_body": True})
+                await request_body.discard_rest()
+                message = {"type": "http.response.body", "body": b""}
             await send(message)
 
         async def reply(status: int, body: dict, extra: dict | None = None) -> None:
@@ -122,7 +134,7 @@ class RequestMiddleware:
             response_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
             response_headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
             await send_with_id({"type": "http.response.start", "status": status, "headers": response_headers})
-            await send({"type": "http.response.body", "body": payload})
+            await send_with_id({"type": "http.response.body", "body": payload})
 
         try:
             host = headers.get(b"host", b"").decode("latin-1")
@@ -141,7 +153,7 @@ class RequestMiddleware:
             if limit is not None and length is not None and length.isdigit() and int(length) > limit:
                 await reply(413, error_body("payload_too_large", f"body larger than {limit} bytes", 413))
                 return
-            await self.app(scope, _capped(receive, limit) if limit else receive, send_with_id)
+            await self.app(scope, _capped(request_body.receive, limit) if limit else request_body.receive, send_with_id)
         except _BodyTooLarge:
             await reply(413, error_body("payload_too_large", f"body larger than {limit} bytes", 413))
         finally:
@@ -171,6 +183,45 @@ class _BodyTooLarge(StarletteHTTPException):
 
     def __init__(self) -> None:
         super().__init__(413, "request body too large")
+
+
+class _RequestBody:
+    """The request's receive channel, knowing whether the body has been read to its end.
+
+    `discard_rest` reads and drops what is left, up to DISCARD_LIMIT_BYTES and DISCARD_TIMEOUT_S:
+    enough for a client that sent one oversized body (it writes it all before it reads).
+    Past that the HTTP server's own handling applies: uvicorn drops the rest on a keep-alive
+    connection and closes any other.
+    """
+
+    def __init__(self, receive: Receive, headers: dict[bytes, bytes]):
+        self._receive = receive
+        length = headers.get(b"content-length", b"")
+        self._length = int(length) if length.isdigit() else None
+        self._ended = self._length in (None, 0) and b"transfer-encoding" not in headers
+        # Expecting 100-continue, a client sends nothing until the first read asks for it.
+        self._waits_for_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        self._started = False
+
+    @property
+    def unread(self) -> bool:
+        return not self._ended and (self._started or not self._waits_for_continue)
+
+    async def receive(self) -> Message:
+        self._started = True
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self._ended = True
+        return message
+
+    async def discard_rest(self) -> None:
+        if self._length is not None and self._length > DISCARD_LIMIT_BYTES:
+            return
+        dropped = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DISCARD_TIMEOUT_S):
+                while not self._ended and dropped <= DISCARD_LIMIT_BYTES:
+                    dropped += len((await self.receive()).get("body", b""))
 
 
 def _capped(receive: Receive, limit: int) -> Receive:
