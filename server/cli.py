@@ -17,11 +17,12 @@ import sys
 import time
 from typing import Any, get_args, get_origin
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from server.config import Settings
 
 logger = logging.getLogger("adaptserve")
+STARTUP_FAILURE = 3  # uvicorn's exit code for a listener that never started
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ def check_exposure(settings: Settings) -> None:
                        "page open in a browser here (cross-site POST), can upload and delete adapters !!!")
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app
@@ -102,20 +103,52 @@ async def _serve(settings: Settings) -> None:
         for server in servers:
             server.should_exit = True
 
-    drainer = asyncio.create_task(drain_then_exit())
+    async def exit_on_failed_boot() -> None:
+        # /healthz keeps answering while the base loads, so a start that failed must end the
+        # process itself: Kubernetes then restarts it (CrashLoopBackOff) with the reason logged.
+        await services.boot_failed.wait()
+        print(f"adaptserve: start-up failed: {services.boot_error}", file=sys.stderr, flush=True)
+        for server in servers:
+            server.should_exit = True
+
+    watchers = [asyncio.create_task(drain_then_exit()), asyncio.create_task(exit_on_failed_boot())]
     await asyncio.gather(*(server.serve() for server in servers))
-    drainer.cancel()
+    for watcher in watchers:
+        watcher.cancel()
+    if services.boot_failed.is_set():
+        return 1
+    if not all(server.started for server in servers):
+        return STARTUP_FAILURE  # uvicorn logged why (a lifespan error); uvicorn.run exits with the same code
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
     if "api_keys" in given:
         given["api_keys"] = [SecretStr(k) for k in given["api_keys"]]
-    settings = Settings(**given)
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        print("adaptserve: invalid settings:", *_setting_problems(exc), sep="\n  ", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_exposure(settings)
-    asyncio.run(_serve(settings))
-    return 0
+    return asyncio.run(_serve(settings))
+
+
+def _setting_problems(exc: ValidationError) -> list[str]:
+    """One line per problem, naming the flag and the environment variable."""
+    lines = []
+    for error in exc.errors():
+        field, *item = [str(part) for part in error["loc"]] or ["settings"]
+        known = Settings.model_fields.get(field)
+        where = f"--{field.replace('_', '-')} / ADAPTSERVE_{field.upper()}" if known else field
+        if item:
+            where += f" (item {'.'.join(item)})"
+        # A secret's value (or a misspelt secret's) never reaches the terminal or the pod log.
+        shown = f": {error['input']!r}" if known and "SecretStr" not in str(known.annotation) else ""
+        lines.append(f"{where}: {error['msg']}{shown}")
+    return lines
 
 
 def cmd_prepare_base(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Services: everything the app builds at start, held on app.state.
 
 Boot runs in the background so /healthz answers while the base loads; /readyz turns 200
-only after the base is loaded, the store scanned and one warm-up generation has run.
+only after the base is loaded, the store scanned and one warm-up generation has run. A
+failed boot sets `boot_failed`, on which `adaptserve serve` exits non-zero with the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from adapters.bases import resolve_base
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest
 from adapters.store import AdapterStore, LocalStore
 from adapters.validate import AdapterLimits
@@ -35,6 +37,9 @@ EXAMPLE_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters" / "ex
 
 
 def default_engine_factory(settings: Settings) -> Engine:
+    # The base first: a missing folder or package fails within a second, not after the
+    # engine's imports (torch, transformers: 5-15 s); the engine then finds it resolved.
+    resolve_base(settings.base_model, settings.cache_dir / "bases")
     from server.engine.factory import build_engine  # torch stays out of the API's imports
 
     return build_engine(settings)
@@ -65,6 +70,7 @@ class Services:
     ready: bool = False
     draining: bool = False
     boot_error: str | None = None
+    boot_failed: asyncio.Event = field(default_factory=asyncio.Event)  # the CLI exits on it
     started_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -110,6 +116,7 @@ class Services:
         except Exception as exc:
             self.boot_error = f"{type(exc).__name__}: {exc}"
             logger.exception("start-up failed")
+            self.boot_failed.set()
             raise
         self.ready = True
         logger.info("ready in %.1f s: base %s, %d adapters", time.monotonic() - self.started_at,
