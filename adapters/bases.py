@@ -203,6 +203,16 @@ def _drop_quantization_config(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def is_image_classifier(config) -> bool:
+    """A transformers config that `AutoModelForImageClassification` builds (the vision bases)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        return any(a.endswith("ForImageClassification") for a in architectures)
+    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+
 def mobilenet_v2_key(torchvision_key: str) -> str:
     """torchvision's `features.<i>...` names -> transformers' MobileNetV2ForImageClassification names.
 

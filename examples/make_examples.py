@@ -6,6 +6,9 @@
 Two tasks the default base (SmolLM2-135M-Instruct) fails and a small LoRA learns on CPU:
   date-iso        generation: a date written in words -> ISO 8601 (YYYY-MM-DD)
   ticket-routing  classification: a customer message -> billing | technical | shipping | account
+and one on the vision base (mobilenet-v2, ImageNet), whose new head starts at chance:
+  digits          image classification: a handwritten digit (sklearn's bundled 8x8 scans) -> 0..9,
+                  written as an image-folder tree (examples/data/digits/{train,test}/<digit>/*.png)
 Everything is seeded, so the files (and their sha256 in each manifest) are reproducible.
 """
 
@@ -25,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO / "examples" / "data"
 CONFIG_DIR = REPO / "examples" / "configs"
 ADAPTER_DIR = REPO / "adapters" / "examples"
-EXAMPLES = ("date-iso", "ticket-routing")
+EXAMPLES = ("date-iso", "ticket-routing", "digits")
 
 # ---------- date-iso ----------
 
@@ -124,6 +127,33 @@ def ticket_rows(count: int, rng: random.Random, exclude: set[str]) -> list[dict[
     return rows
 
 
+# ---------- digits (images) ----------
+
+def write_digit_images(root: Path, test_fraction: float = 0.2) -> tuple[int, int]:
+    """sklearn's 1,797 bundled 8x8 digit scans as PNGs in a train/test image-folder tree (stratified)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = random.Random("adaptserve-digits")
+    shutil.rmtree(root, ignore_errors=True)
+    counts = {"train": 0, "test": 0}
+    for digit in range(10):
+        indices = [i for i, target in enumerate(digits.target) if target == digit]
+        rng.shuffle(indices)
+        cut = round(len(indices) * test_fraction)
+        for split, chosen in (("test", indices[:cut]), ("train", indices[cut:])):
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in chosen:
+                # 0..16 ink levels -> 8-bit grey, ink dark on white like a scan
+                pixels = (255 - digits.images[index] * 255 / 16).round().astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index:04d}.png")
+            counts[split] += len(chosen)
+    return counts["train"], counts["test"]
+
+
 # ---------- files and training ----------
 
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -138,6 +168,8 @@ def make_datasets(data_dir: Path = DATA_DIR) -> None:
         # `seen` is shared, so no test row repeats a training row.
         write_jsonl(data_dir / name / "test.jsonl", make(test_count, rng, seen))
         print(f"wrote {data_dir / name} ({train_count} train, {test_count} test)")
+    train_count, test_count = write_digit_images(data_dir / "digits")
+    print(f"wrote {data_dir / 'digits'} ({train_count} train, {test_count} test images)")
 
 
 def train_examples(names: list[str]) -> None:

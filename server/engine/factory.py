@@ -5,19 +5,19 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
-from adapters.bases import resolve_base
+from adapters.bases import is_image_classifier, resolve_base
 from server.config import Settings
 from server.contract import Engine
 from server.engine.base import load_base
 from server.engine.engine import TorchEngine
-from server.engine.vision import VisionEngine, is_vision_config, load_vision_base
+from server.engine.vision import VisionEngine, load_vision_base
 
 
 def build_engine(settings: Settings) -> Engine:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     resolved = resolve_base(settings.base_model, settings.cache_dir / "bases")
-    if is_vision_config(AutoConfig.from_pretrained(resolved.path)):
+    if is_image_classifier(AutoConfig.from_pretrained(resolved.path)):
         vision = load_vision_base(settings.base_model, settings.cache_dir, settings.device, settings.dtype,
                                   settings.quantize)
         return VisionEngine(vision, settings.max_batch_size, settings.max_device_adapters)

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
+from transformers import AutoConfig, AutoModelForImageClassification
 
-from adapters.bases import resolve_base
+from adapters.bases import is_image_classifier, resolve_base
 from adapters.images import Preprocessing
 from adapters.package import AdapterPackage, LoraModule
 from adapters.signature import BaseSignature, ConvShape
@@ -57,16 +57,6 @@ from server.contract import (
 from server.engine.base import BaseModelError, pick_device, pick_dtype
 
 logger = logging.getLogger(__name__)
-
-
-def is_vision_config(config: PretrainedConfig) -> bool:
-    """An image classifier: what `AutoModelForImageClassification` builds from this config."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-
-    architectures = getattr(config, "architectures", None) or []
-    if architectures:
-        return any(a.endswith("ForImageClassification") for a in architectures)
-    return config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 
 @dataclass(frozen=True)
@@ -216,7 +206,7 @@ def load_vision_base(base_model: str, cache_dir: Path, device: str = "auto", dty
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     config = AutoConfig.from_pretrained(resolved.path)
-    if not is_vision_config(config):
+    if not is_image_classifier(config):
         raise BaseModelError(f"{resolved.canonical_id} is not an image classifier")
     try:
         preprocessing = Preprocessing.from_folder(resolved.path)
