@@ -140,7 +140,13 @@ class S3Store:
         older than `stale_after_s` (a publisher that died), and the cache's own debris."""
         self.cache.cleanup()
         with self._remote("reach the bucket"):
-            self.client.head_bucket(Bucket=self.bucket)
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _status(exc) == 404:
+                    raise StoreUnavailable(f"adapter store {self.url}: bucket {self.bucket!r} does not exist; "
+                                           "create it first") from exc
+                raise
         cutoff = time.time() - self.stale_after_s
         groups: dict[str, list[tuple[str, _Object]]] = {}
         for key, obj in self._list("").items():

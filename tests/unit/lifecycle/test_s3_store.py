@@ -64,6 +64,12 @@ def test_s3_urls_are_checked():
             parse_s3_url(bad)
 
 
+def test_a_missing_bucket_is_named_at_start(s3_server, tmp_path):
+    missing = S3Store("s3://no-such-bucket/x", VersionCache(tmp_path, 10**6), client=s3_client(s3_server.url))
+    with pytest.raises(StoreUnavailable, match="bucket 'no-such-bucket' does not exist"):
+        missing.cleanup()
+
+
 def test_put_writes_a_peft_folder_marker_last_and_flips_current(s3_server, bucket, replicas):
     store = replicas[0].store
     store.cleanup()
