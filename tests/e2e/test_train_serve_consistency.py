@@ -170,3 +170,11 @@ def test_an_adapter_made_elsewhere_answers_both_shapes_without_warnings(served):
         held_out = served.folders[name] / HELD_OUT_FILE
         results = evaluate_server(str(held_out), served.url, "elsewhere", max_new_tokens=4, progress=False)
         assert field in results["request"]["body"] and results["adapter"]["warned_responses"] == 0
+
+
+def test_eval_server_names_what_went_wrong(served, capsys):
+    held_out = str(served.folders["swap-io"] / HELD_OUT_FILE)
+    assert trainer(["eval", held_out, "--server", served.url, "--adapter", "no-such-adapter"]) == 1
+    assert "serves no adapter 'no-such-adapter'" in capsys.readouterr().err
+    assert trainer(["eval", held_out, "--server", served.url, "--adapter", "swap-io", "--task", "classify"]) == 1
+    assert "is a generate adapter" in capsys.readouterr().err
