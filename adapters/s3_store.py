@@ -102,8 +102,7 @@ def make_client() -> Any:
 @dataclass(frozen=True)
 class _Object:
     etag: str
-    size: int
-    modified: float
+    modified: float  # unix time
 
 
 def _marker_version(relative: str) -> str | None:
@@ -379,8 +378,7 @@ class S3Store:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + relative):
                 for item in page.get("Contents", []):
-                    objects[item["Key"][len(self.prefix):]] = _Object(
-                        item["ETag"], item["Size"], item["LastModified"].timestamp())
+                    objects[item["Key"][len(self.prefix):]] = _Object(item["ETag"], item["LastModified"].timestamp())
         return objects
 
     def _get(self, key: str) -> tuple[bytes, str] | None:
