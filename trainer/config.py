@@ -26,7 +26,7 @@ CONFIG_FILE_NAME = "train_config.yaml"
 class TrainConfig:
     train_file: str
     output_dir: str
-    task: Task = "generate"
+    task: Task | Literal["image-classify"] = "generate"  # image-classify: trainer/vision.py, served as classify
     validation_file: str | None = None  # held out; split off train_file when absent
     validation_fraction: float = 0.1
     name: str | None = None  # adapter name; defaults to the output folder's name
@@ -66,8 +66,8 @@ class TrainConfig:
         problems = []
         if self.method not in METHODS:
             problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.task not in ("generate", "classify"):
-            problems.append(f"task must be 'generate' or 'classify', got {self.task!r}")
+        if self.task not in ("generate", "classify", "image-classify"):
+            problems.append(f"task must be 'generate', 'classify' or 'image-classify', got {self.task!r}")
         if not 0.0 < self.validation_fraction < 1.0:
             problems.append("validation_fraction must be between 0 and 1")
         if not 0.0 <= self.warmup_ratio < 1.0:

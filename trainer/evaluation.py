@@ -13,7 +13,8 @@ from trainer.data import ClassificationExample, GenerationExample
 from trainer.features import PaddingCollator, encode_classification, encode_generation, prompt_ids, render_prompt
 from trainer.metrics import SAMPLES_KEPT, classification_metrics, generation_metrics
 
-HEADLINE_METRIC = {"generate": "exact_match", "classify": "accuracy"}  # picks the best seed, heads tables
+# Picks the best seed, heads tables.
+HEADLINE_METRIC = {"generate": "exact_match", "classify": "accuracy", "image-classify": "accuracy"}
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ def write_outputs(outcome: TrainingOutcome) -> dict[str, Any]:
         manifest = build_manifest(outcome, directory, report)
         manifest.write(directory)
         report["adapter"] = {"name": manifest.name, "version": manifest.version, "sha256": manifest.sha256, "size_bytes": manifest.size_bytes}
-    if not outcome.config.validation_file:
+    if not outcome.config.validation_file and outcome.config.task != "image-classify":
         (directory / HELD_OUT_FILE).write_text("".join(json.dumps(to_row(e)) + "\n" for e in outcome.data.held_out))
     plot_loss(outcome, directory / LOSS_PLOT)
     if outcome.base_metrics is not None:
@@ -91,6 +91,10 @@ def build_request_section(outcome: TrainingOutcome) -> dict[str, Any]:
     config, data = outcome.config, outcome.data
     name, example = config.adapter_name, data.held_out[0]
     held_out_file = config.validation_file or str(Path(config.output_dir) / HELD_OUT_FILE)
+    if config.task == "image-classify":
+        from trainer.vision import image_request_section
+
+        return image_request_section(outcome)
     if config.task == "classify":
         native, openai = classification_request([example], name), None
         field, reference = "inputs", example.label
@@ -123,7 +127,7 @@ def build_manifest(outcome: TrainingOutcome, directory: Path, report: dict[str, 
         name=outcome.config.adapter_name,
         version=sha256[:12],
         sha256=sha256,
-        task=outcome.config.task,
+        task="classify" if outcome.config.task == "image-classify" else outcome.config.task,
         peft_type=adapter_config["peft_type"],
         rank=int(rank),
         target_modules=tuple(sorted([targets] if isinstance(targets, str) else targets)),
@@ -168,7 +172,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Held-out metrics",
         "",
-        "| metric | base | adapter (mean ± std over seeds) |",
+        # An image classifier's new head has no "base" score; its baseline is a linear probe.
+        f"| metric | {(report['base_metrics'] or {}).get('baseline', 'base')} | adapter (mean ± std over seeds) |",
         "|---|---|---|",
     ]
     base = report["base_metrics"] or {}
@@ -177,6 +182,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         base_value = f"{base[key]:.4g}" if key in base else "–"
         lines.append(f"| {key} | {base_value} | {stats['mean']:.4g} ± {stats['std']:.2g} |")
+    if "untrained_head_accuracy" in base:
+        lines.append(f"\nthe base with the new head untrained: accuracy {base['untrained_head_accuracy']:.4g} "
+                     f"(chance {1 / len(report['data']['labels']):.3g}), macro-F1 {base['untrained_head_macro_f1']:.4g}")
     lines.append(f"\nseeds: {', '.join(str(s['seed']) for s in report['seeds'])}; shipped weights: seed {report['best_seed']}")
     if "confusion_matrix" in report["metrics"]:
         labels = report["metrics"]["labels"]
@@ -209,7 +217,9 @@ def _request_markdown(report: dict[str, Any]) -> list[str]:
     lines = ["", "## Asking the served adapter", ""]
     if report["serving"]["level"] == "not-served":
         lines += [f"The server does not serve {report['method']} adapters ({report['serving']['reason']}).", ""]
-    if prompt_format is None:
+    if request["field"] == "images":
+        lines.append("Request shape: `/v1/classify` with image files (multipart), or base64-encoded `images` in JSON.")
+    elif prompt_format is None:
         lines.append("Request shape: `/v1/classify` with the texts as `inputs` (a classifier has one request shape).")
     else:
         lines.append(f"Request shape: **`{request['field']}`**. Trained on `{prompt_format.source_keys}` rows as "
@@ -227,8 +237,9 @@ def _request_markdown(report: dict[str, Any]) -> list[str]:
               "```bash", request["curl"], "```"]
     if request["openai_python"]:
         lines += ["", "```python", request["openai_python"], "```"]
-    lines += ["", "The held-out figures above, measured through a running server (the base beside):", "",
-              "```bash", request["eval_command"], "```"]
+    if request["eval_command"]:
+        lines += ["", "The held-out figures above, measured through a running server (the base beside):", "",
+                  "```bash", request["eval_command"], "```"]
     return lines
 
 

@@ -134,7 +134,7 @@ def _base_card(services: Services) -> ModelCard:
     booted = time.time() - (time.monotonic() - services.started_at)
     return ModelCard(
         id=info.base_id, created=int(booted), root=info.base_id, parent=None,
-        task="generate" if info.kind == "decoder" else "encode", max_model_len=info.max_context,
+        task={"decoder": "generate", "vision": "image-classify"}.get(info.kind, "encode"), max_model_len=info.max_context,
     )
 
 

@@ -107,6 +107,8 @@ const state = {
   expanded: new Set(), // adapters whose version history is open
   tokensByAdapter: {}, // from /metrics
   lastRequests: [], // what the playground last sent, for "Copy as curl / openai"
+  vision: false, // the base classifies images: the playground takes a dropped image
+  image: null, // the File the playground classifies on a vision base
 };
 
 const adapterNames = (task) => state.models.filter((m) => m.task === task).map((m) => m.id);
@@ -119,7 +121,9 @@ async function loadModels() {
     return result.error ? result.error.message : `HTTP ${result.status}`;
   }
   const cards = result.data.data;
-  state.base = (cards.find((card) => card.parent === null) || {}).id || null;
+  const baseCard = cards.find((card) => card.parent === null) || {};
+  state.base = baseCard.id || null;
+  state.vision = baseCard.task === "image-classify";
   state.models = cards.filter((card) => card.parent !== null);
   $("#base-name").textContent = state.base ? `· ${state.base}` : "";
   return null;
@@ -150,7 +154,7 @@ async function loadAdapters() {
   note.hidden = !message;
   renderRejected(rejected);
   renderAdapters();
-  renderPickers();
+  applyBaseKind();
 }
 
 function adapterRows() {
@@ -419,14 +423,60 @@ function renderPickers() {
   });
 }
 
+// A vision base classifies images only: the form becomes an image drop with classify mode.
+// Its own head (mobilenet-v2: ImageNet) answers the base column.
+function applyBaseKind() {
+  if (state.vision) $('input[name="mode"][value="classify"]').checked = true;
+  $("#mode-generate-label").hidden = state.vision;
+  $("#prompt-field").hidden = state.vision;
+  $("#image-field").hidden = !state.vision;
+  applyMode();
+}
+
+function applyMode() {
+  const classify = mode() === "classify";
+  for (const id of ["#as-chat-label", "#sampling"]) $(id).hidden = classify;
+  $("#use-base").closest("label").hidden = classify && !state.vision;
+  $('label[for="prompt"]').textContent = classify ? "Text to classify" : "Prompt";
+  renderPickers();
+}
+
+function chooseImage(file) {
+  state.image = file || null;
+  const preview = $("#image-preview");
+  $("#image-file").removeAttribute("aria-invalid");
+  $("#image-file-error").hidden = true;
+  if (!file) {
+    preview.hidden = true;
+    return;
+  }
+  // A data: URL, which the page's CSP allows for images (blob: it does not).
+  const reader = new FileReader();
+  reader.addEventListener("load", () => {
+    preview.src = reader.result;
+    preview.hidden = false;
+  });
+  reader.readAsDataURL(file);
+}
+
+function setupImageDrop() {
+  const zone = $("#image-drop");
+  $("#image-file").addEventListener("change", (event) => chooseImage(event.target.files[0]));
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    chooseImage(event.dataTransfer.files[0]);
+  });
+}
+
 function setupPlayground() {
-  $$('input[name="mode"]').forEach((radio) => radio.addEventListener("change", () => {
-    const classify = mode() === "classify";
-    for (const id of ["#as-chat-label", "#sampling"]) $(id).hidden = classify;
-    $("#use-base").closest("label").hidden = classify;
-    $('label[for="prompt"]').textContent = classify ? "Text to classify" : "Prompt";
-    renderPickers();
-  }));
+  $$('input[name="mode"]').forEach((radio) => radio.addEventListener("change", applyMode));
+  setupImageDrop();
   $("#play").addEventListener("submit", (event) => {
     event.preventDefault();
     run();
@@ -440,7 +490,10 @@ function setupPlayground() {
   $("#show-request").addEventListener("click", toggleRequestView);
 }
 
-const FIELD_INPUTS = { prompt: "prompt", messages: "prompt", inputs: "prompt", max_new_tokens: "max-new-tokens", temperature: "temperature" };
+const FIELD_INPUTS = {
+  prompt: "prompt", messages: "prompt", inputs: "prompt", images: "image-file", max_new_tokens: "max-new-tokens",
+  temperature: "temperature",
+};
 
 function clearFieldErrors() {
   for (const id of new Set(Object.values(FIELD_INPUTS))) {
@@ -475,12 +528,14 @@ function numberField(id) {
 
 function columnsToRun() {
   const picks = [...new Set($$("#column-pickers select").map((s) => s.value).filter(Boolean))];
-  if (mode() === "classify") return picks;
+  if (mode() === "classify" && !state.vision) return picks;
   return $("#use-base").checked ? [null, ...picks] : picks;
 }
 
 function requestFor(adapter) {
   const text = $("#prompt").value;
+  // An image goes as a multipart file; `body` holds the other form fields.
+  if (state.vision) return { path: "/v1/classify", image: state.image, body: adapter ? { adapter } : {} };
   if (mode() === "classify") return { path: "/v1/classify", body: { inputs: text, adapter } };
   const body = $("#as-chat").checked ? { messages: [{ role: "user", content: text }] } : { prompt: text };
   if (adapter) body.adapter = adapter;
@@ -498,6 +553,11 @@ async function run() {
   const status = $("#play-status");
   if (!targets.length) {
     status.textContent = "Pick the base or at least one adapter.";
+    return;
+  }
+  if (state.vision && !state.image) {
+    showFieldErrors({ param: "images", message: "Drop an image here or choose one first." });
+    status.textContent = "No image yet.";
     return;
   }
   status.textContent = "Running…";
@@ -591,15 +651,28 @@ async function streamColumn(column, request) {
   );
 }
 
+// Past this many labels (ImageNet's 1000) a column shows the highest scores only.
+const MAX_BARS = 10;
+
+function imageForm(request) {
+  const form = new FormData();
+  form.append("image", request.image, request.image.name);
+  for (const [key, value] of Object.entries(request.body)) form.append(key, value);
+  return form;
+}
+
 async function classifyColumn(column, request) {
   const started = performance.now();
-  const result = await call(request.path, { method: "POST", json: request.body });
+  const result = request.image
+    ? await call(request.path, { method: "POST", form: imageForm(request) })
+    : await call(request.path, { method: "POST", json: request.body });
   if (!result.ok) {
     columnError(column, result);
     return;
   }
-  const scores = result.data.results[0].scores;
-  column.output.replaceChildren(el("ul", { class: "bars" }, Object.entries(scores).map(([label, score]) =>
+  let entries = Object.entries(result.data.results[0].scores);
+  if (entries.length > MAX_BARS) entries = entries.sort((a, b) => b[1] - a[1]).slice(0, MAX_BARS);
+  column.output.replaceChildren(el("ul", { class: "bars" }, entries.map(([label, score]) =>
     el("li", { "data-label": label, "data-score": String(score) },
       el("span", { class: "label", text: label }),
       el("span", { class: "bar", "aria-hidden": "true" }, barFill(score)),
@@ -623,6 +696,10 @@ const shellQuote = (s) => `'${s.replace(/'/g, `'\\''`)}'`;
 
 function curlFor(request) {
   const auth = token("inference") ? ` \\\n  -H "Authorization: Bearer $ADAPTSERVE_API_KEY"` : "";
+  if (request.image) {
+    const fields = Object.entries(request.body).map(([key, value]) => ` -F ${shellQuote(`${key}=${value}`)}`).join("");
+    return `curl ${location.origin}${request.path}${auth} \\\n  -F ${shellQuote(`image=@${request.image.name}`)}${fields}`;
+  }
   const stream = request.body.stream ? " -N" : "";
   return `curl${stream} ${location.origin}${request.path} \\\n  -H 'Content-Type: application/json'${auth} \\\n  -d ${shellQuote(JSON.stringify(request.body))}`;
 }
