@@ -8,6 +8,7 @@ import math
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
 from trainer.data import ClassificationExample, GenerationExample
 from trainer.features import PaddingCollator, encode_classification, encode_generation, prompt_ids, render_prompt
@@ -23,7 +24,8 @@ def generate_answers(
 ) -> list[str]:
     model.eval()
     answers: list[str] = []
-    for start in range(0, len(examples), batch_size):
+    # Generation is the slow part of a run's evaluation (minutes on CPU): show it moving.
+    for start in tqdm(range(0, len(examples), batch_size), desc="generating held-out answers", unit="batch", leave=False):
         # The server's ids for each request (features.prompt_ids), left-padded so every row's
         # prompt ends where generation starts.
         rows = [prompt_ids(e, tokenizer) for e in examples[start : start + batch_size]]
