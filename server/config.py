@@ -140,8 +140,19 @@ class Settings(BaseSettings):
         2048, ge=16, description="Prompt tokens admitted per engine step (keeps decoding rows flowing)."
     )
     max_queue: int = Field(256, ge=1, description="Requests waiting beyond this get 429.")
-    max_device_adapters: int = Field(
-        16, ge=1, le=1024, description="Adapter slots in the device pool (LRU beyond this)."
+    max_device_adapters: int | None = Field(
+        None, ge=1, le=1024, description="Adapter slots in the device pool (LRU beyond this); None = sized "
+        "from device_adapter_memory_bytes, and never fewer than max_batch_size (a full batch of distinct "
+        "adapters fits).",
+    )
+    device_adapter_memory_bytes: int | None = Field(
+        None, ge=0, description="Memory the slot pool may grow to, which sizes the default slot count at "
+        "r=16 on every linear layer per adapter (pools grow with the slots in use); None = 2 GiB on CPU, "
+        "a tenth of the GPU's memory on CUDA.",
+    )
+    prefix_cache_bytes: int = Field(
+        512 * 1024**2, ge=0, description="Automatic prefix caching: KV of prompt prefixes kept per adapter "
+        "version for later requests (LRU within this budget, given up under memory pressure); 0 = off.",
     )
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Adapters with a larger r are refused.")
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline per request; past it the row is freed.")

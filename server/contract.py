@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+# adapter_load_failed: its adapter could not be copied into a slot (out of memory), the
+# request alone failed; engine_error: the step it was in failed.
+ErrorCode = Literal["adapter_load_failed", "engine_error"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None
+    error: str | None = None  # why a request ended with finish_reason "error" (for people)
+    error_code: ErrorCode | None = None  # the same, for code: the API maps it to its error
     queue_s: float | None = None  # on a request's first token: time from add() to its prefill
+    cached_tokens: int | None = None  # on the first token: prompt tokens read from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -81,6 +86,16 @@ class ClassifyResult:
     score: float
     scores: dict[str, float]
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class DeviceTierActivity:
+    """What the engine's adapter slots did since the last report (metrics read it)."""
+
+    hits: int = 0  # an adapter asked for was resident
+    misses: int = 0  # it had to be copied into a slot
+    evictions: int = 0  # slots the engine freed on its own (slot LRU, device byte budget)
+    load_seconds: tuple[float, ...] = ()  # each copy into a slot
 
 
 @dataclass(frozen=True)
@@ -134,6 +149,9 @@ class Engine(Protocol):
 
     def resident_adapters(self) -> dict[str, bool]:
         """key -> in use by a running row (for metrics and the cache table)."""
+
+    def take_device_tier_activity(self) -> DeviceTierActivity:
+        """Slot hits, misses, evictions and load times since the last call (any thread)."""
 
     def stats(self) -> dict[str, Any]:
         """Snapshot: running, waiting, kv_tokens, kv_capacity_tokens, running_adapters,

@@ -133,6 +133,13 @@ class AdapterLoadFailed(AdaptserveError):
     code = "adapter_load_failed"
 
 
+def engine_failure(code: str | None, message: str | None) -> AdaptserveError:
+    """The domain error for a request the engine ended with finish_reason "error"."""
+    if code == "adapter_load_failed":
+        return AdapterLoadFailed(f"{message}; retry later", param="adapter", headers={"Retry-After": "5"})
+    return GenerationFailed("generation failed in the engine; the request can be retried")
+
+
 class AdapterStoreUnavailable(AdaptserveError):
     """The adapter store cannot be reached (object storage down, credentials refused).
 

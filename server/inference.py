@@ -39,6 +39,7 @@ from server.errors import (
     LimitExceeded,
     UnsupportedForBase,
     UnsupportedImageFormat,
+    engine_failure,
 )
 from server.merges import MergeCache
 from server.metrics import Metrics
@@ -255,6 +256,9 @@ class InferenceService:
         first = True
         adapter = request.adapter.name if request.adapter else "__base__"
         async for event in self.scheduler.generate(request):
+            if event.cached_tokens is not None:  # the first token: the prompt has been looked up
+                self.metrics.prefix_cache_queries.labels(self.info.base_id).inc(event.prompt_tokens)
+                self.metrics.prefix_cache_hits.labels(self.info.base_id).inc(event.cached_tokens)
             if event.queue_s is not None:
                 self.metrics.queue_time.observe(event.queue_s)
                 if log is not None:
@@ -277,6 +281,8 @@ class InferenceService:
         async for event in self.stream(request, endpoint, log):
             parts.append(event.text)
             if event.finished:
+                if event.finish_reason == "error":
+                    raise engine_failure(event.error_code, event.error)
                 return Completion("".join(parts), event.finish_reason, event.prompt_tokens, event.completion_tokens)
         raise RuntimeError("generation ended without a final event")
 

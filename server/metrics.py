@@ -159,6 +159,18 @@ class Metrics:
             "for a base fallback) and how: routed, fallback, or failed (target unavailable, no fallback).",
             ["task", "adapter", "route"], registry=r,
         )
+        self.engine_memory_bytes = Gauge(
+            "adaptserve_engine_memory_bytes", "Memory the engine allocated beside the base weights: lora_pool "
+            "(adapter slots), lora_active (their matmul layout, torch-ops path), kv_cache (the running rows), "
+            "prefix_cache.", ["part"], registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model_name"], registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens read from the prefix cache instead of computed.",
+            ["model_name"], registry=r,
+        )
         self.queue_depth = Gauge("adaptserve_queue_depth", "Requests waiting for a batch row.", registry=r)
         self.running_rows = Gauge("adaptserve_running_rows", "Rows in the running batch.", registry=r)
 

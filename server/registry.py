@@ -8,6 +8,10 @@ pinned adapters exempt:
 
     stored --(store.open_version + validate, worker thread)--> cpu --(copy into a slot, engine thread)--> device
 
+The cpu tier is this registry's; the device tier is the engine's slot pool, which loads an
+adapter when a request using it is admitted and applies the device budget itself (the
+registry pins, warms and drops there, through DeviceTier).
+
 While the store cannot be reached, the mirror keeps its last state: versions in a memory
 tier (or in an object store's local disk cache) keep serving, the rest answer 503
 `adapter_store_unavailable`.
@@ -146,14 +150,12 @@ class Registry:
         limits: AdapterLimits,
         *,
         cpu_budget_bytes: int,
-        device_budget_bytes: int | None = None,
         metrics: Metrics | None = None,
     ):
         self.store = store
         self.signature = signature
         self.limits = limits
         self.cpu_budget_bytes = cpu_budget_bytes
-        self.device_budget_bytes = device_budget_bytes
         self.metrics = metrics or Metrics()
         self.device: DeviceTier | None = None  # attached once the scheduler runs
         self.entries: dict[str, AdapterEntry] = {}
@@ -267,7 +269,9 @@ class Registry:
         return chosen
 
     async def bind(self, ref: str) -> AdapterBinding:
-        """Resolve `ref` to one immutable version, bringing it up to the device tier if needed."""
+        """Resolve `ref` to one immutable version in host memory (the cpu tier). The engine
+        copies it into a device slot when the request is admitted, at a step boundary, so a
+        request never waits here for the engine thread."""
         chosen = self.lookup(ref)
         was_stored = chosen.package is None
         package = await self._ensure_cpu(chosen)
@@ -275,7 +279,7 @@ class Registry:
         chosen.last_used = time.time()
         manifest = package.manifest
         binding = AdapterBinding(manifest.name, manifest.version, manifest.sha256, package)
-        if await self._ensure_device(binding) or was_stored:
+        if was_stored:
             await self._enforce()
         return binding
 
@@ -327,18 +331,11 @@ class Registry:
         return package
 
     async def _ensure_device(self, binding: AdapterBinding) -> bool:
-        """True when this call copied the adapter into a slot."""
-        if self.device is None:
+        """True when this call copied the adapter into a slot (the engine counts its device
+        tier's hits, misses and load times itself)."""
+        if self.device is None or binding.key in self.device.resident():
             return False
-        if binding.key in self.device.resident():
-            self.metrics.adapter_cache_hits.labels("device").inc()
-            return False
-        self.metrics.adapter_cache_misses.labels("device").inc()
-        started = time.monotonic()
-        if not await self.device.load(binding):
-            return False
-        self.metrics.adapter_load_seconds.labels("device").observe(time.monotonic() - started)
-        return True
+        return await self.device.load(binding)
 
     # --- budgets and pins -------------------------------------------------------------------
 
@@ -376,7 +373,7 @@ class Registry:
 
         if self.device is not None:
             await self._enforce_device(by_lru, pinned)
-        self._export_gauges()
+        self.export_gauges()
 
     def _not_resident(self, key: str) -> bool:
         return self.device is not None and key not in self.device.resident()
@@ -403,26 +400,13 @@ class Registry:
         for key in resident - known.keys():
             if await self.device.evict(key):
                 self.metrics.adapter_cache_evictions.labels("device").inc()
-        if self.device_budget_bytes is None:
-            return
-        resident = set(self.device.resident())
-        total = sum(known[k].nbytes for k in resident if k in known)
-        for _, version in by_lru:
-            if total <= self.device_budget_bytes:
-                break
-            if version.key not in resident or version.key in pinned:
-                continue
-            if await self.device.evict(version.key):
-                total -= version.nbytes
-                self.metrics.adapter_cache_evictions.labels("device").inc()
-                logger.info("adapter %s left the device tier", version.manifest.ref)
 
     def tier(self, version: AdapterVersion) -> AdapterTier:
         if self.device is not None and version.key in self.device.resident():
             return AdapterTier.DEVICE
         return AdapterTier.CPU if version.package is not None else AdapterTier.STORED
 
-    def _export_gauges(self) -> None:
+    def export_gauges(self) -> None:
         m = self.metrics
         counts = {tier: 0 for tier in AdapterTier}
         sizes = {tier: 0 for tier in AdapterTier}
@@ -528,7 +512,7 @@ class Registry:
             if version.package is not None:
                 version.package = None
                 self.metrics.adapter_cache_evictions.labels("cpu").inc()
-        self._export_gauges()
+        self.export_gauges()
         return entry
 
     async def _store_call(self, fn: Any, *args: Any) -> Any:

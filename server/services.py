@@ -90,8 +90,7 @@ class Services:
             # (and an object store that cannot be reached stops the start here, saying why).
             await asyncio.to_thread(store.cleanup)
             self.registry = Registry(
-                store, signature, limits, cpu_budget_bytes=self.settings.cpu_cache_bytes,
-                device_budget_bytes=self.settings.device_cache_bytes, metrics=self.metrics,
+                store, signature, limits, cpu_budget_bytes=self.settings.cpu_cache_bytes, metrics=self.metrics,
             )
             if self.settings.install_example_adapters:
                 await install_example_adapters(self.registry, signature.canonical_id)
@@ -140,12 +139,23 @@ class Services:
     def refresh_gauges(self) -> None:
         m = self.metrics
         m.rebalance_adapter_labels()
+        if self.engine is None:
+            return
+        # The engine loads adapters into slots as requests are admitted: its counts since the
+        # last scrape, and the tier gauges from its current slots.
+        activity = self.engine.take_device_tier_activity()
+        m.adapter_cache_hits.labels("device").inc(activity.hits)
+        m.adapter_cache_misses.labels("device").inc(activity.misses)
+        m.adapter_cache_evictions.labels("device").inc(activity.evictions)
+        for seconds in activity.load_seconds:
+            m.adapter_load_seconds.labels("device").observe(seconds)
         if self.registry is not None:
             m.adapters_registered.set(len(self.registry.entries))
             m.adapters_rejected.set(len(self.registry.rejected))
-        if self.engine is None:
-            return
+            self.registry.export_gauges()
         stats = self.engine.stats()
+        for part, nbytes in stats.get("memory_bytes", {}).items():
+            m.engine_memory_bytes.labels(part).set(nbytes)
         base = self.engine.info.base_id
         m.queue_depth.set(stats.get("waiting", 0))
         m.running_rows.set(stats.get("running", 0))

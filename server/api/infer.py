@@ -40,7 +40,7 @@ from server.api.schemas import (
 )
 from server.contract import AdapterBinding, GenerationRequest
 from server.config import Settings
-from server.errors import GenerationFailed, InvalidImage, LimitExceeded
+from server.errors import InvalidImage, LimitExceeded
 from server.inference import InferenceService, Kind, PromptWarning, Target, prompt_warnings
 
 router = APIRouter(tags=["inference"])
@@ -90,8 +90,6 @@ async def generate(body: GenerateRequest, services: ReadyServicesDep, http_reque
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     completion = await unless_disconnected(http_request, inference.complete(request, "generate", http_request.state))
-    if completion.finish_reason == "error":
-        raise GenerationFailed("generation failed in the engine; the request can be retried")
     return GenerateResponse(
         text=completion.text,
         finish_reason=completion.finish_reason,
@@ -118,7 +116,7 @@ async def _sse(inference: InferenceService, request: GenerationRequest, target: 
                 "warnings": [dataclasses.asdict(w) for w in warnings],
             }
             if event.error:
-                final["error"] = {"code": "engine_error", "message": event.error}
+                final["error"] = {"code": event.error_code or "engine_error", "message": event.error}
             yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
             return

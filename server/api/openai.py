@@ -41,11 +41,11 @@ from server.contract import GenerationRequest, TokenEvent
 from server.errors import (
     AdapterNotFound,
     AdaptserveError,
-    GenerationFailed,
     InvalidParameter,
     InvalidRequest,
     LimitExceeded,
     UnsupportedParameter,
+    engine_failure,
 )
 from server.inference import PromptWarning, prompt_warnings
 from server.registry import AdapterVersion
@@ -246,7 +246,7 @@ class _Run:
 def _raise_failure(event: TokenEvent) -> None:
     """Engine outcomes OpenAI has no finish_reason for become errors (stop/length pass through)."""
     if event.finish_reason == "error":
-        raise GenerationFailed(f"generation failed: {event.error}")
+        raise engine_failure(event.error_code, event.error)
     if event.finish_reason == "timeout":
         raise AdaptserveError("generation passed the server's request deadline")
     if event.finish_reason == "cancelled":

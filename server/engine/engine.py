@@ -13,6 +13,7 @@ adapters and the base.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from server.contract import (
     AdapterBinding,
     ClassifyItem,
     ClassifyResult,
+    DeviceTierActivity,
     EngineInfo,
     FinishReason,
     GenerationRequest,
@@ -33,12 +35,33 @@ from server.contract import (
 )
 from server.engine.base import BaseModelError, LoadedBase
 from server.engine.cpu_threads import ThreadPolicy, block_list
-from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, attach, unsupported_reason
+from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, StepLayout, attach, kv_bytes_per_token, unsupported_reason
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora, stage_adapter
+from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixMatch
 from server.engine.sampling import Detokenizer, SampledRows, UniformStream, choose_tokens, finish_reason_for
 from server.engine.staging import StepBuffer
 
 logger = logging.getLogger(__name__)
+
+
+# The default slot count is sized for adapters of this rank on every adaptable linear layer.
+SLOT_SIZING_RANK = 16
+MAX_SLOTS = 1024
+
+
+def default_slot_count(base: LoadedBase, max_batch_size: int, budget_bytes: int | None = None) -> int:
+    """Slots that `budget_bytes` of pool memory holds (default: 2 GiB on CPU, 10 % of the GPU),
+    and never fewer than max_batch_size, so a full batch of distinct adapters fits."""
+    if budget_bytes is None:
+        on_gpu = base.device.type == "cuda"
+        budget_bytes = torch.cuda.get_device_properties(base.device).total_memory // 10 if on_gpu else 2 * 1024**3
+    element = torch.empty((), dtype=base.dtype).element_size()
+    per_slot = SLOT_SIZING_RANK * element * sum(i + o for i, o in base.signature.linear_shapes.values())
+    slots = max(max_batch_size, min(MAX_SLOTS, budget_bytes // max(per_slot, 1)))
+    logger.info("%d adapter slots: %.1f GiB of slot memory at %.1f MB per adapter (r=%d on every linear layer), "
+                "at least max_batch_size=%d", slots, budget_bytes / 1024**3, per_slot / 1e6, SLOT_SIZING_RANK,
+                max_batch_size)
+    return slots
 
 
 class NoFreeSlot(Exception):
@@ -51,8 +74,11 @@ class _Row:
     slot: int
     detokenizer: Detokenizer
     uniforms: UniformStream | None  # None: greedy
+    prefix: PrefixMatch | None = None  # what the prefix cache holds of the prompt at admission
     generated: list[int] = field(default_factory=list)
-    queue_s: float | None = None  # reported on the first token only
+    # Reported on the first token only:
+    queue_s: float | None = None
+    cached_tokens: int = 0
 
     @property
     def pending(self) -> int:
@@ -60,12 +86,14 @@ class _Row:
 
 
 class SlotTable:
-    """Adapter content key -> device slot, LRU among slots no request holds."""
+    """Adapter content key -> device slot, LRU among slots no request holds; the lowest free
+    slot is taken first, so the pools (which grow to the highest slot in use) stay small."""
 
     def __init__(self, slots: int):
-        self.free = list(range(slots, 0, -1))  # slot 0 is the base
+        self.free = list(range(1, slots + 1))  # a heap; slot 0 is the base
         self.by_key: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.users: collections.Counter[str] = collections.Counter()
+        self.nbytes: dict[str, int] = {}  # adapter bytes per resident key
 
     def lookup(self, key: str) -> int | None:
         slot = self.by_key.get(key)
@@ -76,9 +104,40 @@ class SlotTable:
     def victim(self) -> str | None:
         return next((k for k in self.by_key if self.users[k] == 0), None)
 
+    def take(self) -> int:
+        return heapq.heappop(self.free)
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self.free, slot)
+
+
+class DeviceTierCounter:
+    """The engine thread counts, a metrics reader takes the counts (under a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._load_seconds: list[float] = []
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self._counts[what] += 1
+
+    def loaded(self, seconds: float) -> None:
+        with self._lock:
+            self._counts["misses"] += 1
+            self._load_seconds.append(seconds)
+
+    def take(self) -> DeviceTierActivity:
+        with self._lock:
+            counts, seconds = self._counts, self._load_seconds
+            self._counts, self._load_seconds = collections.Counter(), []
+        return DeviceTierActivity(counts["hits"], counts["misses"], counts["evictions"], tuple(seconds))
+
 
 class TorchEngine:
-    def __init__(self, base: LoadedBase, max_batch_size: int, max_prefill_tokens: int, max_device_adapters: int):
+    def __init__(self, base: LoadedBase, max_batch_size: int, max_prefill_tokens: int, max_device_adapters: int,
+                 prefix_cache_bytes: int = 0, device_budget_bytes: int | None = None):
         self.base = base
         self.signature = base.signature
         self.model = base.model
@@ -95,10 +154,15 @@ class TorchEngine:
                                    cpu_kernel=self._cpu_kernel(base))
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = SlotTable(max_device_adapters)
+        self.device_budget_bytes = device_budget_bytes  # adapter bytes in slots (None: only the slot count)
+        self.device_tier = DeviceTierCounter()
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
-        self.kv = SlabKVCache(max_batch_size, self.device, self.threads)
+        prefix = None
+        if base.signature.kind == "decoder" and prefix_cache_bytes:
+            prefix = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(self.model, base.dtype) * BLOCK_TOKENS)
+        self.kv = SlabKVCache(max_batch_size, self.device, self.threads, prefix=prefix)
         if base.signature.kind == "decoder":
             reason = unsupported_reason(self.model)
             if reason is not None:
@@ -111,6 +175,7 @@ class TorchEngine:
         # Valid while the rows' slots are unchanged and no slot is (re)loaded: see _lora_plan.
         self._decode_plan: LoRABatchPlan | None = None
         self._decode_plan_slots: list[int] = []
+        self._lora_bytes: dict[str, int] | None = None  # recounted after a load or an eviction
         # Fast tokenizers refuse concurrent calls that change padding/truncation state.
         self.tokenizer_lock = threading.Lock()
         self.eos_ids = self._eos_ids()
@@ -160,17 +225,23 @@ class TorchEngine:
     # --- adapters -----------------------------------------------------------------------
 
     def load_adapter(self, adapter: AdapterBinding) -> int:
-        """Slot of `adapter`, copying it in (evicting the least recently used idle one) if needed."""
+        """Slot of `adapter`, copying it in if needed: into a free slot, else the least
+        recently used idle one's; idle adapters also go while the device byte budget is over."""
         slot = self.slots.lookup(adapter.key)
         if slot is not None:
+            self.device_tier.count("hits")
             return slot
-        if not self.slots.free:
+        started = time.perf_counter()
+        package: AdapterPackage = adapter.package
+        while not self.slots.free or self._over_budget(package.nbytes):
             victim = self.slots.victim()
             if victim is None:
-                raise NoFreeSlot(adapter.key)
+                if not self.slots.free:
+                    raise NoFreeSlot(adapter.key)
+                break  # over the byte budget with every resident adapter in use: load anyway
             self.evict_adapter(victim)
-        slot = self.slots.free.pop()
-        package: AdapterPackage = adapter.package
+            self.device_tier.count("evictions")
+        slot = self.slots.take()
         try:
             for name, (a, bt) in stage_adapter(package.modules, self.base.dtype, self.device).items():
                 self.layers[name].load_slot(slot, a, bt)
@@ -182,13 +253,23 @@ class TorchEngine:
             # Out of memory halfway through the copy: the slot goes back empty, not lost.
             for layer in self.layers.values():
                 layer.clear_slot(slot)
-            self.slots.free.append(slot)
+            self.slots.release(slot)
             raise
         self.slots.by_key[adapter.key] = slot
+        self.slots.nbytes[adapter.key] = package.nbytes
         self._decode_plan = None  # pool contents changed: cached operands may be stale
+        self._lora_bytes = None
         self._update_stats()
+        self.device_tier.loaded(time.perf_counter() - started)
         logger.debug("adapter %s@%s loaded into slot %d", adapter.name, adapter.version, slot)
         return slot
+
+    def _over_budget(self, incoming: int) -> bool:
+        budget = self.device_budget_bytes
+        return budget is not None and bool(self.slots.by_key) and sum(self.slots.nbytes.values()) + incoming > budget
+
+    def take_device_tier_activity(self) -> DeviceTierActivity:
+        return self.device_tier.take()
 
     def evict_adapter(self, key: str) -> None:
         slot = self.slots.by_key.get(key)
@@ -197,9 +278,11 @@ class TorchEngine:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         del self.slots.by_key[key]
+        self.slots.nbytes.pop(key, None)
         self.heads.pop(key, None)
-        self.slots.free.append(slot)
+        self.slots.release(slot)
         self._decode_plan = None
+        self._lora_bytes = None
         self._update_stats()
 
     def hold_adapter(self, key: str, held: bool) -> bool:
@@ -233,8 +316,20 @@ class TorchEngine:
         # Rebuilt at the end of each step on the engine thread; readers elsewhere get a snapshot.
         return dict(self._stats)
 
+    def _memory(self) -> dict[str, int]:
+        """Bytes the engine has allocated beyond the base model's weights."""
+        if self._lora_bytes is None:  # pools change only on a load or an eviction
+            totals = collections.Counter()
+            for layer in self.layers.values():
+                totals.update(layer.nbytes())
+            self._lora_bytes = dict(totals)
+        prefix = self.kv.prefix.nbytes() if self.kv.prefix is not None else 0
+        return {"lora_pool": self._lora_bytes.get("lora_pool", 0), "lora_active": self._lora_bytes.get("lora_active", 0),
+                "kv_cache": self.kv.nbytes(), "prefix_cache": prefix}
+
     def _update_stats(self) -> None:
         self._stats = {
+            "memory_bytes": self._memory(),
             "running": len(self.rows),
             "waiting": len(self.waiting),
             "kv_tokens": self.kv.tokens(),
@@ -266,7 +361,8 @@ class TorchEngine:
         self.cancelled.clear()
         self.enqueued_at.clear()
         self._update_stats()
-        return [TokenEvent(r.request_id, "", (), "error", len(r.prompt_ids), 0, error=error) for r in requests]
+        return [TokenEvent(r.request_id, "", (), "error", len(r.prompt_ids), 0, error=error, error_code="engine_error")
+                for r in requests]
 
     def _drop_cancelled_waiting(self, events: list[TokenEvent]) -> None:
         now = time.monotonic()
@@ -294,49 +390,81 @@ class TorchEngine:
         return leaving
 
     def _admit(self, events: list[TokenEvent]) -> list[_Row]:
+        """Waiting requests that join this step, in arrival order, under the prefill token budget.
+
+        A request whose adapter finds no free slot waits without holding back the requests
+        behind it that need no new slot (resident adapters, the base); none of those may take
+        a slot it is waiting for, so it gets the next one freed and is never starved.
+        """
         admitted: list[_Row] = []
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.rows) + len(admitted) < self.max_batch_size:
-            request = self.waiting[0]
-            cost = len(request.prompt_ids)
+        remaining: collections.deque[GenerationRequest] = collections.deque()
+        full = slot_wait = False
+        for request in self.waiting:
+            if full or len(self.rows) + len(admitted) >= self.max_batch_size:
+                remaining.append(request)
+                continue
+            prefix = self._prefix_match(request)
+            cost = len(request.prompt_ids) - (prefix.cached_tokens if prefix else 0)
             if admitted and cost > budget:
-                break
+                full = True  # arrival order is kept under the token budget
+                remaining.append(request)
+                continue
             slot = 0
             if request.adapter is not None:
-                try:
-                    slot = self.load_adapter(request.adapter)
-                except NoFreeSlot:
-                    break  # waits until a running row releases its adapter
-                except Exception as exc:
-                    # This request's adapter cannot be loaded (out of memory): fail it alone,
-                    # rather than the whole step and every running row with it.
-                    logger.warning("adapter %s@%s failed to load: %s", request.adapter.name,
-                                   request.adapter.version, exc)
-                    self.waiting.popleft()
-                    self.enqueued_at.pop(request.request_id, None)
-                    events.append(TokenEvent(request.request_id, "", (), "error", cost, 0,
-                                             error=f"adapter_load_failed: {type(exc).__name__}"))
-                    continue
+                slot = self.slots.lookup(request.adapter.key)
+                if slot is not None:
+                    self.device_tier.count("hits")
+                else:
+                    if slot_wait:
+                        remaining.append(request)
+                        continue
+                    try:
+                        slot = self.load_adapter(request.adapter)
+                    except NoFreeSlot:
+                        slot_wait = True  # waits until a running row releases its adapter
+                        remaining.append(request)
+                        continue
+                    except Exception as exc:
+                        # This request's adapter cannot be loaded (out of memory): fail it alone,
+                        # rather than the whole step and every running row with it.
+                        logger.warning("adapter %s@%s failed to load: %s", request.adapter.name,
+                                       request.adapter.version, exc)
+                        self.enqueued_at.pop(request.request_id, None)
+                        events.append(TokenEvent(request.request_id, "", (), "error", len(request.prompt_ids), 0,
+                                                 error=f"adapter {request.adapter.name}@{request.adapter.version} "
+                                                 f"could not be copied into a device slot: {type(exc).__name__}",
+                                                 error_code="adapter_load_failed"))
+                        continue
                 self.slots.users[request.adapter.key] += 1
-            self.waiting.popleft()
             budget -= cost
             params = request.params
             uniforms = None if params.greedy else UniformStream(params.seed)
-            row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), uniforms)
+            row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), uniforms, prefix)
             row.queue_s = time.monotonic() - self.enqueued_at.pop(request.request_id, time.monotonic())
             admitted.append(row)
+        self.waiting = remaining
         return admitted
+
+    def _prefix_match(self, request: GenerationRequest) -> PrefixMatch | None:
+        prefix = self.kv.prefix
+        if prefix is None or not prefix.enabled:
+            return None
+        return prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids)
 
     def _set_plan(self, slots: list[int]) -> None:
         self.context.plan = LoRABatchPlan.for_rows(slots, self.context.positions, self.device)
 
-    def _lora_plan(self, admitted: list[_Row]) -> LoRABatchPlan | None:
-        """A decode-only plan is reused while the rows' slots stay put."""
+    def _lora_plan(self, admitted: list[_Row], layout: StepLayout) -> LoRABatchPlan | None:
+        """A decode-only plan is reused while the rows' slots stay put. A new plan may build
+        active buffers (torch-ops layers), so the memory count is redone after it."""
         slots = [r.slot for r in self.rows]
         if admitted:
-            prompts = [(r.slot, len(r.request.prompt_ids)) for r in admitted]
+            self._lora_bytes = None
+            prompts = [(r.slot, prefill.computed) for r, prefill in zip(admitted, layout.prefills)]
             return LoRABatchPlan.for_step(slots, prompts, self.context.positions, self.device)
         if self._decode_plan is None or self._decode_plan_slots != slots:
+            self._lora_bytes = None
             self._decode_plan = LoRABatchPlan.for_step(slots, [], self.context.positions, self.device)
             self._decode_plan_slots = slots
         return self._decode_plan
@@ -349,24 +477,31 @@ class TorchEngine:
         built on torch ops adds one copy when the running rows' adapters change.
         """
         running = len(self.rows)
+        layout = self.kv.plan_step(running, [len(r.request.prompt_ids) for r in admitted])
+        plans = [self.kv.prefix.plan(r.prefix) for r in admitted] if self.kv.prefix is not None else []
+        if plans:
+            layout.use_prefix(plans)
         token_ids = [r.pending for r in self.rows]
         positions = [len(r.request.prompt_ids) + len(r.generated) - 1 for r in self.rows]
         logit_at = list(range(running))
-        for row in admitted:
+        for row, prefill in zip(admitted, layout.prefills):
             prompt = row.request.prompt_ids
-            token_ids.extend(prompt)
-            positions.extend(range(len(prompt)))
+            row.cached_tokens = prefill.cached
+            token_ids.extend(prompt[prefill.cached :])
+            positions.extend(range(prefill.cached, len(prompt)))
             logit_at.append(len(token_ids) - 1)
-        layout = self.kv.plan_step(running, [len(r.request.prompt_ids) for r in admitted])
         stepping = self.rows + admitted
         buffer = StepBuffer()
         handles = [buffer.longs(token_ids), buffer.longs(positions), buffer.longs(logit_at),
                    buffer.longs(layout.row_starts)]
+        block_handles = [(buffer.longs(plan.read) if plan.read else None, buffer.longs(plan.write) if plan.write else None)
+                         for plan in plans]
         sampling = SampledRows.stage(buffer, [r.request.params for r in stepping], [r.uniforms for r in stepping])
         sent = buffer.send(self.device)
         input_ids, position_ids, keep, row_starts = (sent[h] for h in handles)
-        self.kv.begin_step(row_starts, self.base.dtype)
-        self.context.plan = self._lora_plan(admitted)
+        blocks = [tuple(None if h is None else sent[h] for h in pair) for pair in block_handles]
+        self.kv.begin_step(row_starts, self.base.dtype, blocks)
+        self.context.plan = self._lora_plan(admitted, layout)
         try:
             logits = self.model(
                 input_ids=input_ids[None],  # [1, tokens]
@@ -407,7 +542,8 @@ class TorchEngine:
                 finished[index] = reason
             events.append(
                 TokenEvent(row.request.request_id, text, (token,), reason, prompt_tokens, len(row.generated),
-                           queue_s=row.queue_s if first else None)
+                           queue_s=row.queue_s if first else None,
+                           cached_tokens=row.cached_tokens if first else None)
             )
         if finished:
             self._remove_rows(finished)
@@ -444,7 +580,18 @@ class TorchEngine:
         return results
 
     def _classify_batch(self, items: Sequence[ClassifyItem]) -> list[ClassifyResult]:
-        slots = [self.load_adapter(item.adapter) for item in items]
+        by_key = {item.adapter.key: item.adapter for item in items}
+        slot_of: dict[str, int] = {}
+        try:
+            for key, binding in by_key.items():  # each adapter once; held so a later one cannot take its slot
+                slot_of[key] = self.load_adapter(binding)
+                self.slots.users[key] += 1
+            return self._classify_rows(items, [slot_of[item.adapter.key] for item in items])
+        finally:
+            for key in slot_of:
+                self.slots.users[key] -= 1
+
+    def _classify_rows(self, items: Sequence[ClassifyItem], slots: list[int]) -> list[ClassifyResult]:
         with self.tokenizer_lock:
             encoded = self.tokenizer(
                 [item.text for item in items],

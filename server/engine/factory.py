@@ -9,7 +9,7 @@ from adapters.bases import is_image_classifier, resolve_base
 from server.config import Settings
 from server.contract import Engine
 from server.engine.base import load_base
-from server.engine.engine import TorchEngine
+from server.engine.engine import TorchEngine, default_slot_count
 from server.engine.vision import VisionEngine, load_vision_base
 
 
@@ -20,6 +20,9 @@ def build_engine(settings: Settings) -> Engine:
     if is_image_classifier(AutoConfig.from_pretrained(resolved.path)):
         vision = load_vision_base(settings.base_model, settings.cache_dir, settings.device, settings.dtype,
                                   settings.quantize)
-        return VisionEngine(vision, settings.max_batch_size, settings.max_device_adapters)
+        return VisionEngine(vision, settings.max_batch_size, settings.max_device_adapters or settings.max_batch_size)
     base = load_base(settings.base_model, settings.cache_dir, settings.device, settings.dtype, settings.quantize)
-    return TorchEngine(base, settings.max_batch_size, settings.max_prefill_tokens, settings.max_device_adapters)
+    slots = settings.max_device_adapters or default_slot_count(
+        base, settings.max_batch_size, settings.device_adapter_memory_bytes)
+    return TorchEngine(base, settings.max_batch_size, settings.max_prefill_tokens, slots,
+                       prefix_cache_bytes=settings.prefix_cache_bytes, device_budget_bytes=settings.device_cache_bytes)

@@ -21,6 +21,7 @@ off either edge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from server.engine.cpu_threads import ThreadPolicy
+from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixPlan
 from server.engine.staging import send_longs
 
 ATTENTION_NAME = "adaptserve_packed"
@@ -41,11 +43,22 @@ class UnsupportedAttention(RuntimeError):
     """The architecture asks attention for something the packed path does not compute."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prefill:
+    """A joining prompt: its first `cached` tokens come from the prefix cache, the rest are
+    computed in this step (packed tokens offset .. offset + length - cached)."""
+
     row: int
-    offset: int  # first token of this prompt in the packed step
-    length: int
+    offset: int  # first computed token of this prompt in the packed step
+    length: int  # the whole prompt
+    cached: int = 0
+    write_from: int = 0  # first block of the prompt this step stores in the prefix cache
+    read: torch.Tensor | None = None  # [cached / BLOCK_TOKENS] prefix-cache blocks (set by begin_step)
+    write: torch.Tensor | None = None  # [blocks stored] prefix-cache blocks for blocks write_from...
+
+    @property
+    def computed(self) -> int:
+        return self.length - self.cached
 
 
 @dataclass
@@ -61,11 +74,21 @@ class StepLayout:
     prefills: tuple[Prefill, ...]
     decode_mask: torch.Tensor | None = None  # [decode_rows, 1, 1, column + 1 - start] additive float
 
+    def use_prefix(self, plans: Sequence[PrefixPlan]) -> None:
+        """Each prefill's leading tokens that come from the prefix cache: they are not
+        computed, so the packed offsets of the later prefills move down."""
+        offset = self.decode_rows
+        for prefill, plan in zip(self.prefills, plans):
+            prefill.offset = offset
+            prefill.cached, prefill.write_from = plan.cached_tokens, plan.write_from
+            offset += prefill.computed
+
 
 class SlabKVCache:
     def __init__(self, max_rows: int, device: torch.device, threads: ThreadPolicy, initial_columns: int = 128,
-                 initial_rows: int = 4):
+                 initial_rows: int = 4, prefix: PrefixCache | None = None):
         self.max_rows = max_rows
+        self.prefix = prefix  # automatic prefix caching (None: off)
         self.threads = threads  # attention is a heavy op
         self.device = device
         self.initial_shape = (min(initial_rows, max_rows), initial_columns)
@@ -89,7 +112,8 @@ class SlabKVCache:
 
     def plan_step(self, decode_rows: int, prompt_lengths: list[int]) -> StepLayout:
         """Make room for this step (moving or growing the slab if needed) and describe it.
-        Host only; the engine sends `row_starts` with the step's other arrays to begin_step."""
+        Host only; the engine then sets each prompt's use of the prefix cache (use_prefix)
+        and sends `row_starts` and the cache's block indices to begin_step."""
         if decode_rows != self.rows:
             raise RuntimeError(f"cache holds {self.rows} rows, step decodes {decode_rows}")
         if self.rows + len(prompt_lengths) > self.max_rows:
@@ -119,9 +143,13 @@ class SlabKVCache:
                                  tuple(prefills))
         return self.layout
 
-    def begin_step(self, row_starts: torch.Tensor | None, dtype: torch.dtype) -> None:
-        """row_starts: [decode_rows] long on the device (the layout's, sent by the engine)."""
+    def begin_step(self, row_starts: torch.Tensor | None, dtype: torch.dtype,
+                   blocks: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]] = ()) -> None:
+        """row_starts: [decode_rows] long on the device (the layout's, sent by the engine);
+        blocks: each prefill's (read, write) prefix-cache block indices on the device."""
         layout = self.layout
+        for prefill, (read, write) in zip(layout.prefills, blocks):
+            prefill.read, prefill.write = read, write
         if layout.decode_rows:
             columns = torch.arange(layout.start, layout.column + 1, device=self.device)
             hidden = columns[None, :] < row_starts[:, None]  # [decode_rows, columns]: another row's past
@@ -134,6 +162,8 @@ class SlabKVCache:
         self.layout = None
         if layout is None:
             return
+        if self.prefix is not None:
+            self.prefix.finish_step()
         for prefill in layout.prefills[:new_rows]:
             self.row_start[prefill.row] = layout.column + 1 - prefill.length
         self.rows += new_rows
@@ -143,6 +173,8 @@ class SlabKVCache:
     def abandon_step(self) -> None:
         """The forward failed: the step's writes are ignored (its column and rows stay unused)."""
         self.layout = None
+        if self.prefix is not None:
+            self.prefix.abandon_step()
 
     def remove_rows(self, leaving: set[int]) -> list[tuple[int, int]]:
         """Drop rows; the last kept rows move into the holes. Returns the (from, to) moves."""
@@ -173,14 +205,26 @@ class SlabKVCache:
         return sum(self.end - start for start in self.row_start[: self.rows])
 
     def _grow(self, rows: int, columns: int) -> None:
+        try:
+            self._grow_slabs(rows, columns)
+        except (torch.OutOfMemoryError, MemoryError):
+            if self.prefix is None or not self.prefix.nbytes():
+                raise
+            # Running rows come first: the prefix cache is given up, then the slab grows.
+            self.prefix.clear()
+            self._grow_slabs(rows, columns)
+        self.row_capacity, self.columns = rows, columns
+
+    def _grow_slabs(self, rows: int, columns: int) -> None:
         # Layer by layer, so the transient is one layer's old slab, not the whole cache twice.
         for slabs in (self.keys, self.values):
             for layer, slab in slabs.items():
+                if (slab.shape[0], slab.shape[2]) == (rows, columns):
+                    continue  # grown before an out-of-memory retry
                 grown = slab.new_zeros(rows, slab.shape[1], columns, slab.shape[3])
                 grown[: self.row_capacity, :, : self.columns] = slab
                 slabs[layer] = grown
                 del slab
-        self.row_capacity, self.columns = rows, columns
 
     def _shift(self, delta: int) -> None:
         """Move the used columns [start, end) of the running rows by delta."""
@@ -239,21 +283,41 @@ class SlabKVCache:
             decoded = scores.softmax(-1) @ values[:n, :, start : column + 1]  # [n, kv_heads, group, dim]
             outputs.append(decoded.reshape(n, -1, dim).transpose(0, 1))  # [heads, n, dim]
         for prefill in layout.prefills:
-            tokens = slice(prefill.offset, prefill.offset + prefill.length)
-            columns = slice(column + 1 - prefill.length, column + 1)
-            keys[prefill.row, :, columns] = key[0, :, tokens]
-            values[prefill.row, :, columns] = value[0, :, tokens]
-            mask = None
-            if sliding_window is not None and prefill.length > sliding_window:
-                positions = torch.arange(prefill.length, device=query.device)
-                distance = positions[:, None] - positions[None, :]
-                mask = (distance >= 0) & (distance < sliding_window)
-            prompt = F.scaled_dot_product_attention(
-                query[:, :, tokens], key[:, :, tokens], value[:, :, tokens],
-                attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True,
-            )
-            outputs.append(prompt[0])  # [heads, length, dim]
+            outputs.append(self._attend_prefill(layer, prefill, column, query, key, value, scaling, sliding_window))
         return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0)  # [1, tokens, heads, dim]
+
+    def _attend_prefill(self, layer: int, prefill: Prefill, column: int, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+        """One joining prompt -> [heads, computed tokens, dim]. Its row of the slab gets the
+        cached prefix (if any) and the computed tokens' K/V; new full blocks go to the cache."""
+        keys, values = self.keys[layer], self.values[layer]
+        tokens = slice(prefill.offset, prefill.offset + prefill.computed)
+        first = column + 1 - prefill.length  # the prompt's first column
+        row_keys, row_values = keys[prefill.row, :, first : column + 1], values[prefill.row, :, first : column + 1]
+        if prefill.read is not None:
+            self.prefix.read(layer, prefill.read, row_keys[:, : prefill.cached], row_values[:, : prefill.cached])
+        row_keys[:, prefill.cached :] = key[0, :, tokens]
+        row_values[:, prefill.cached :] = value[0, :, tokens]
+        if prefill.write is not None:
+            stored = slice(prefill.write_from * BLOCK_TOKENS, (prefill.write_from + len(prefill.write)) * BLOCK_TOKENS)
+            self.prefix.write(layer, prefill.write, row_keys[:, stored], row_values[:, stored])
+        mask = None
+        if prefill.cached or (sliding_window is not None and prefill.length > sliding_window):
+            # Query i sits at position cached + i and sees keys 0 .. cached + i (within the window).
+            distance = (torch.arange(prefill.cached, prefill.length, device=query.device)[:, None]
+                        - torch.arange(prefill.length, device=query.device)[None, :])  # [computed, length]
+            mask = distance >= 0
+            if sliding_window is not None:
+                mask &= distance < sliding_window
+        if prefill.cached:
+            attended_keys, attended_values = row_keys[None], row_values[None]
+        else:  # the prompt's own K/V, as computed (no slab read)
+            attended_keys, attended_values = key[:, :, tokens], value[:, :, tokens]
+        prompt = F.scaled_dot_product_attention(
+            query[:, :, tokens], attended_keys, attended_values,
+            attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=True,
+        )
+        return prompt[0]  # [heads, computed, dim]
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -291,6 +355,16 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if not modules or not getattr(model, "_supports_attention_backend", False):
         return "its attention does not go through transformers' AttentionInterface"
     return None
+
+
+def kv_bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """K and V of one token in every attention layer (what a prefix-cache token costs)."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return len(_attention_modules(model)) * 2 * kv_heads * head_dim * element
 
 
 def attach(model: torch.nn.Module, cache: SlabKVCache) -> None:

@@ -22,19 +22,20 @@ def use(client, name: str) -> None:
 
 @pytest.fixture
 def budgets(server):
-    registry = server.services.registry
-    saved = registry.cpu_budget_bytes, registry.device_budget_bytes
-    yield registry
-    registry.cpu_budget_bytes, registry.device_budget_bytes = saved
+    """The cpu tier's budget is the registry's, the device tier's the engine's (its slots)."""
+    registry, engine = server.services.registry, server.services.engine
+    saved = registry.cpu_budget_bytes, engine.device_budget_bytes
+    yield registry, engine
+    registry.cpu_budget_bytes, engine.device_budget_bytes = saved
 
 
 def test_budgets_evict_least_recently_used_and_pins_stay(client, sources, budgets):
-    registry = budgets
+    registry, engine = budgets
     for name, key in (("tier-a", "v1"), ("tier-b", "v2"), ("tier-c", "v3")):
         assert upload(client, name, sources[key]).status_code == 201
     size = registry.entries["tier-a"].versions[registry.entries["tier-a"].current].nbytes
     registry.cpu_budget_bytes = 2 * size
-    registry.device_budget_bytes = 2 * size
+    engine.device_budget_bytes = 2 * size
     for name in ("tier-a", "tier-b", "tier-c"):
         assert client.post(f"/v1/adapters/{name}/unload", headers=ADMIN_HEADERS).status_code == 200
     assert table(client) == {"tier-a": "stored", "tier-b": "stored", "tier-c": "stored"}
