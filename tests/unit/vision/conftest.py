@@ -107,6 +107,16 @@ def image_bytes(seed: int, size: tuple[int, int] = (40, 48), fmt: str = "PNG") -
     return buffer.getvalue()
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's
+    spin-waits make two threads several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def vision_bases(tmp_path_factory) -> dict[str, Path]:
     return {arch: build_vision_base(tmp_path_factory.mktemp(f"tiny-{arch}"), arch) for arch in TARGETS}
