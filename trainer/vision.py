@@ -15,7 +15,9 @@ not saved with the adapter, so updating them would train a model the server neve
 
 The honest baseline for a new head is a linear probe on the frozen base: the features of the
 whole data set are computed once (one forward pass) and a linear head is fitted on them. The
-same pass gives the untrained head's score (chance level). Both go in the report.
+same pass gives the untrained head's score (chance level). Both go in the report. Training
+then starts its new head from that probe (LP-FT, Kumar et al. 2022): the LoRA learns what the
+frozen features lack instead of chasing a random head's gradients.
 """
 
 from __future__ import annotations
@@ -229,12 +231,9 @@ def base_features(model: nn.Module, dataset: ImageDataset, batch_size: int) -> t
     """(features [n, hidden] the head reads, labels [n]) with the head replaced by an identity."""
     from tqdm.auto import tqdm
 
-    head_name = head_module_name(model)
-    head = getattr(model, head_name)
-    linear = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
-    replaced = [(parent, child) for parent in [model, *head.modules()] for child, m in parent.named_children()
-                if m is linear]
-    parent, child = replaced[0]
+    head, linear = getattr(model, head_module_name(model)), head_linear(model)
+    parent, child = next((parent, child) for parent in [model, *head.modules()]
+                         for child, m in parent.named_children() if m is linear)
     setattr(parent, child, nn.Identity())
     model.eval()
     features, labels = [], []
@@ -315,14 +314,15 @@ def run_image_training(config: TrainConfig) -> TrainingOutcome:
     held_out_set = ImageDataset(data.held_out, label_ids, preprocessing)
     logger.info("%d training / %d held-out images, %d labels", len(train_set), len(held_out_set), len(data.labels))
 
-    runs, base_metrics = [], None
-    for index, seed in enumerate(config.seeds):
+    runs, probe, probe_metrics = [], None, None
+    for seed in config.seeds:
         set_seed(seed)
         _reset_peak_memory()
         started = time.perf_counter()
         model = load_image_model(base, data.labels)
-        if index == 0 and config.evaluate_base and is_main_process():
-            base_metrics = _baselines(model, train_set, held_out_set, data.labels, config, seed)
+        if probe is None:  # one probe for every seed: it is fitted to convergence, not sampled
+            probe, probe_metrics = _baselines(model, train_set, held_out_set, data.labels, config, seed)
+        head_linear(model).load_state_dict(probe.state_dict())
         model = apply_image_method(model, config)
         freeze_batchnorm(model)
         trainable, total = trainable_parameters(model)
@@ -342,7 +342,7 @@ def run_image_training(config: TrainConfig) -> TrainingOutcome:
             _save_weights(trainer.model, config, run_dir, base.canonical_id)
         runs.append(SeedRun(seed, metrics, list(trainer.state.log_history), time.perf_counter() - started,
                             _peak_memory_bytes(), trainable, total, run_dir))
-    outcome = TrainingOutcome(config, base, data, runs, base_metrics)
+    outcome = TrainingOutcome(config, base, data, runs, probe_metrics if config.evaluate_base else None)
     if len(runs) > 1 and is_main_process():
         from trainer.training import _copy_weights
 
@@ -365,12 +365,18 @@ def _early_stopping(config: TrainConfig) -> list:
     return [EarlyStoppingCallback(config.early_stopping_patience)] if config.early_stopping_patience else []
 
 
-def _baselines(model: nn.Module, train_set: ImageDataset, held_out_set: ImageDataset, labels: Sequence[str],
-               config: TrainConfig, seed: int) -> dict[str, Any]:
-    """Linear probe on the frozen base (the metrics shown as "base"), and the untrained head's score."""
-    started = time.perf_counter()
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The linear layer of the head (ResNet's head is Sequential(Flatten, Linear))."""
     head = getattr(model, head_module_name(model))
-    untrained = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+    return head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+
+
+def _baselines(model: nn.Module, train_set: ImageDataset, held_out_set: ImageDataset, labels: Sequence[str],
+               config: TrainConfig, seed: int) -> tuple[nn.Linear, dict[str, Any]]:
+    """The linear probe on the frozen base, its held-out metrics (the report's "base"), and the
+    untrained head's score there."""
+    started = time.perf_counter()
+    untrained = head_linear(model)
     train_x, train_y = base_features(model, train_set, config.eval_batch_size)
     held_x, held_y = base_features(model, held_out_set, config.eval_batch_size)
     probe = linear_probe(train_x, train_y, len(labels), seed)
@@ -382,7 +388,7 @@ def _baselines(model: nn.Module, train_set: ImageDataset, held_out_set: ImageDat
     probe_metrics["untrained_head_macro_f1"] = chance["macro_f1"]
     probe_metrics["probe_seconds"] = time.perf_counter() - started
     probe_metrics["feature_size"] = train_x.shape[1]
-    return probe_metrics
+    return probe, probe_metrics
 
 
 def image_request_section(outcome: TrainingOutcome) -> dict[str, Any]:

@@ -4,7 +4,6 @@ for the same multipart request."""
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 

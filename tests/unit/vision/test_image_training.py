@@ -114,3 +114,17 @@ def test_batchnorm_stays_in_eval_mode_while_training(vision_bases):
     model.train()
     model(pixel_values=torch.randn(4, 3, 32, 32), labels=torch.tensor([0, 1, 0, 1])).loss.backward()
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+
+
+def test_compare_sets_last_n_layers_and_lora_beside_the_linear_probe(trained, vision_bases, tmp_path):
+    data, _ = trained
+    code = trainer_main(["compare", str(data), "--task", "image-classify", "--base", str(vision_bases["resnet"]),
+                         "-o", str(tmp_path / "cmp"), "--epochs", "1", "--batch-size", "16", "--last-n-layers", "1",
+                         "--eval-batch-size", "32", "--threads", "1"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["methods"]}
+    assert list(rows) == ["last-n-layers", "lora", "linear-probe"]
+    assert rows["lora"]["serving"] == "batched" and rows["last-n-layers"]["serving"] == "not-served"
+    # The probe trains the head alone: the fewest parameters of the three.
+    assert rows["linear-probe"]["trainable_percent"] < rows["lora"]["trainable_percent"]
+    assert "| linear-probe | baseline |" in (tmp_path / "cmp" / "compare.md").read_text()
