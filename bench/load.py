@@ -1,6 +1,9 @@
 """Closed-loop load: C clients, each sending its next request as soon as the last one ends.
 
-Requests go to POST /v1/generate with stream=true. A server that streams (SSE `data: {json}`
+What the clients send is a RequestMix: plain prompts (an essay the model keeps writing) or
+chat messages (a short question, optionally after a tenant's own system prompt), over a set
+of adapters picked in turn or by a Zipf popularity. Requests go to POST /v1/generate with
+stream=true. A server that streams (SSE `data: {json}`
 lines, the last one carrying `finish_reason` and `usage`) gives a real time to first token;
 one that answers with a plain JSON body gets its full latency counted as TTFT, and the
 record says so (`streamed=False`).
@@ -11,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Mapping, Sequence
 
 import httpx
 
@@ -45,11 +49,71 @@ def make_prompts(prompt_tokens: int, count: int = len(TOPICS)) -> list[str]:
     return prompts
 
 
+# Questions with short natural answers (a date, a number, a word or a sentence): what chat
+# traffic to a task adapter looks like, answers ending at EOS rather than at a token cap.
+QUESTIONS = (
+    "What is the capital of Italy?", "ISO date for: Thursday, April 10, 2042", "How many legs does a spider have?",
+    "Name a primary colour.", "What is 12 times 12?", "Translate 'thank you' into French.",
+    "Is the sun a star or a planet?", "Give me one word that rhymes with cat.",
+    "What is the boiling point of water in Celsius?", "Which ocean is the largest?",
+    "ISO date for: May 9th, 2040", "What is the opposite of hot?", "How many days are in a week?",
+    "Who wrote Romeo and Juliet?", "What gas do plants take in?", "Spell the number 7 in words.",
+)
+
+
+def tenant_system_prompt(tenant: int, tokens: int = 300) -> str:
+    """A distinct system prompt of about `tokens` tokens for tenant `tenant` (its own policy text)."""
+    rules = [
+        f"You are the support assistant of company number {tenant}.",
+        "Answer in one short sentence, be polite, never invent facts, and say when you do not know.",
+        f"Our opening hours are {8 + tenant % 3} to {17 + tenant % 4}, our returns window is {14 + tenant} days,",
+        f"and our premium plan costs {9 + tenant} euros a month.",
+        "Refunds are issued to the original payment method within five working days of the return arriving.",
+        "Shipping is free above fifty euros inside the European Union and costs twelve euros elsewhere.",
+        "Customers may change their delivery address until the parcel leaves the warehouse.",
+    ]
+    words = " ".join(rules).split()
+    target = int(tokens * WORDS_PER_TOKEN)
+    return " ".join(itertools.islice(itertools.cycle(words), max(target, len(words))))
+
+
+@dataclass(frozen=True)
+class RequestMix:
+    """Request n's adapter and body: `prompts` (plain text) or `questions` (chat messages)."""
+
+    adapters: Sequence[str | None]  # None = the base
+    prompts: Sequence[str] = ()
+    questions: Sequence[str] = ()
+    # Chat only: each adapter's own system prompt (its tenant's); absent = the chat
+    # template's default system prompt, as a client that sends only the user turn gets.
+    system_prompts: Mapping[str | None, str] = field(default_factory=dict)
+    popularity: Literal["cycle", "zipf"] = "cycle"  # zipf: adapter i (0-based) with weight 1 / (i + 1)
+    seed: int = 0
+
+    def adapter(self, n: int) -> str | None:
+        if self.popularity == "cycle":
+            return self.adapters[n % len(self.adapters)]
+        weights = [1.0 / (i + 1) for i in range(len(self.adapters))]
+        return random.Random(self.seed * 1_000_003 + n).choices(self.adapters, weights)[0]
+
+    def body(self, n: int) -> dict:
+        adapter = self.adapter(n)
+        if self.questions:
+            messages = [{"role": "user", "content": self.questions[n % len(self.questions)]}]
+            if adapter in self.system_prompts:
+                messages.insert(0, {"role": "system", "content": self.system_prompts[adapter]})
+            body: dict = {"messages": messages}
+        else:
+            body = {"prompt": self.prompts[n % len(self.prompts)]}
+        if adapter is not None:
+            body["adapter"] = adapter
+        return body
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     concurrency: int
-    adapters: Sequence[str | None]  # requests cycle through these; None = the base
-    prompts: Sequence[str]
+    mix: RequestMix
     max_new_tokens: int
     duration_s: float  # from the first send until clients stop; in-flight requests are abandoned
     # Client i's first request asks for (i + 1) / C of max_new_tokens, so rows finish (and
@@ -138,15 +202,7 @@ async def run_load(
             warmup = first and spec.stagger and index + 1 < spec.concurrency
             tokens = max(1, (index + 1) * spec.max_new_tokens // spec.concurrency) if warmup else spec.max_new_tokens
             first = False
-            body = {
-                "prompt": spec.prompts[n % len(spec.prompts)],
-                "max_new_tokens": tokens,
-                "temperature": spec.temperature,
-                "stream": True,
-            }
-            adapter = spec.adapters[n % len(spec.adapters)]
-            if adapter is not None:
-                body["adapter"] = adapter
+            body = {**spec.mix.body(n), "max_new_tokens": tokens, "temperature": spec.temperature, "stream": True}
             seen = _Progress()
             try:
                 records.append(await _one_request(client, body, seen, warmup))

@@ -28,7 +28,8 @@ logger = logging.getLogger("naive_server")
 
 
 class GenerateBody(BaseModel):
-    prompt: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None  # through the tokenizer's chat template
     adapter: str | None = None
     max_new_tokens: int = Field(64, ge=1, le=1024)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
@@ -78,7 +79,11 @@ def create_app(model, tokenizer, adapter_names: set[str]) -> FastAPI:
             adapter_scope = contextlib.nullcontext()
         else:
             adapter_scope = model.disable_adapter() if adapter_names else contextlib.nullcontext()
-        encoded = tokenizer(body.prompt, return_tensors="pt")
+        if body.messages is not None:
+            text = tokenizer.apply_chat_template(body.messages, tokenize=False, add_generation_prompt=True)
+            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            encoded = tokenizer(body.prompt or "", return_tensors="pt")
         sampling = {"do_sample": False}
         if body.temperature > 0:
             if body.seed is not None:

@@ -121,6 +121,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("TTFT p95", "ttft_p95_s", "{:.2f}"),
     ("lat p50", "latency_p50_s", "{:.2f}"),
     ("lat p95", "latency_p95_s", "{:.2f}"),
+    ("in tok", "mean_prompt_tokens", "{:.0f}"),
     ("out tok", "mean_completion_tokens", "{:.0f}"),
     ("RSS MB", "peak_rss_mb", "{:.0f}"),
 )

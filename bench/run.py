@@ -3,12 +3,20 @@
 Scenarios (C concurrent closed-loop clients, K distinct adapters):
   (a) C=32, K=8, 64 new tokens: adaptserve vs the naive server (throughput, TTFT);
   (b) the same load all on the base vs all on adapters (the cost of batched LoRA);
-  (c) K=1 vs K=32 distinct adapters (does cost grow with the adapter count?).
-Both servers run as subprocesses on 127.0.0.1 and take turns under load, so the one
-measured gets every core. Adapters are random PEFT LoRAs made for the base in a temporary store.
+  (c) K=1 vs K=32 distinct adapters (does cost grow with the adapter count?);
+  (d) chat traffic: short questions as chat messages through the base's template (with its
+      default system prompt), answers of natural length (ending at EOS), K=8, vs the naive server;
+  (e) shared prefixes: 8 tenants, each with its own ~300-token system prompt and adapter, short
+      questions: the prefix cache on against off;
+  (f) 500 adapters in the store (r=8 on q/v), picked uniformly or by Zipf(1) popularity,
+      against one adapter, all at default settings.
+(a)-(c) and (f) ask for 64 tokens of an essay (the model keeps writing, so every answer is
+64 tokens); (d) and (e) are the shape of real traffic. Servers run as subprocesses on
+127.0.0.1 and take turns under load, so the one measured gets every core. Adapters are random
+PEFT LoRAs made for the base in a temporary store, plus the shipped example `date-iso` in (d).
 
-    adaptserve bench --quick      # one round, ~5 minutes on 2 cores
-    adaptserve bench              # three interleaved rounds, ~15 minutes
+    adaptserve bench --quick      # one round, ~12 minutes on 2 cores
+    adaptserve bench              # three interleaved rounds, ~35 minutes
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import Any, Iterator
 import httpx
 import psutil
 
-from bench.load import LoadSpec, make_prompts, run_load
+from bench.load import QUESTIONS, LoadSpec, RequestMix, make_prompts, run_load, tenant_system_prompt
 from bench.report import RequestRecord, Target, format_table, ratio, summarize, write_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +90,51 @@ def make_adapters(store: Path, count: int, ranks: tuple[int, ...], base_model: s
         base = model.unload()  # back to the plain base for the next adapter
         names.append(name)
     return names
+
+
+def make_many_adapters(store: Path, count: int, base_model: str, rank: int = 8) -> list[str]:
+    """`count` r=`rank` LoRAs on q_proj and v_proj: one saved by PEFT, the others its exact
+    file layout with fresh random weights (PEFT takes a second per adapter; this, milliseconds)."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from adapters.bases import resolve_base
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(base_model).path, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = CANONICAL_BASE_ID
+    template = store / "many-000"
+    model.save_pretrained(template)
+    tensors = load_file(str(template / "adapter_model.safetensors"))
+    adapter_config = json.loads((template / "adapter_config.json").read_text())
+    names = ["many-000"]
+    for i in range(1, count):
+        generator = torch.Generator().manual_seed(5000 + i)
+        fresh = {key: torch.randn(t.shape, generator=generator) * (0.05 if "lora_B" in key else 1.0) / t.shape[-1] ** 0.5
+                 for key, t in tensors.items()}
+        folder = store / f"many-{i:03d}"
+        folder.mkdir()
+        save_file(fresh, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+        names.append(folder.name)
+        if i % 100 == 0:
+            log(f"  {i}/{count} adapters written")
+    return names
+
+
+def copy_example(store: Path, name: str) -> str:
+    """A shipped example adapter (trained by `adaptserve train`) as a plain PEFT folder."""
+    import shutil
+
+    source = REPO_ROOT / "adapters" / "examples" / name
+    shutil.copytree(source, store / name, ignore=shutil.ignore_patterns("*.md", "*.png", "*.json.lock"))
+    return name
 
 
 # --- servers --------------------------------------------------------------------------
@@ -171,10 +224,27 @@ async def sample_peak_rss(pid: int, stop: asyncio.Event, every_s: float = 0.5) -
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    server: str  # "naive" or "adaptserve"
-    adapters: tuple[str | None, ...]
+    server: str  # a key of SERVERS
+    mix: RequestMix
     measure_s: float  # counted seconds, split evenly over the rounds
     warmup_s: float  # per round, not counted
+    max_new_tokens: int = 64
+    # Every answer runs to max_new_tokens (the essay prompts): stagger the clients' first
+    # requests so rows do not finish in lockstep. Natural-length answers spread by themselves.
+    stagger: bool = True
+
+    @property
+    def adapter_count(self) -> int:
+        return len(set(self.mix.adapters) - {None})
+
+
+# Which server process a scenario runs against, and what sets it apart.
+SERVERS = {
+    "naive": "the naive PEFT server (one request at a time)",
+    "adaptserve": "adaptserve with the scenario's adapters",
+    "adaptserve-no-prefix-cache": "adaptserve with --prefix-cache-bytes 0",
+    "adaptserve-many": "adaptserve at default settings over a store of many adapters",
+}
 
 
 @dataclass
@@ -184,18 +254,17 @@ class Measured:
     peak_rss: int = 0
 
 
-def measure_round(server: Server, scenario: Scenario, options: argparse.Namespace, prompts: list[str],
+def measure_round(server: Server, scenario: Scenario, options: argparse.Namespace,
                   into: Measured, label: str) -> None:
     measured_s = scenario.measure_s / options.rounds
     spec = LoadSpec(
         concurrency=options.concurrency,
-        adapters=scenario.adapters,
-        prompts=prompts,
-        max_new_tokens=options.max_new_tokens,
+        mix=scenario.mix,
+        max_new_tokens=scenario.max_new_tokens,
         duration_s=scenario.warmup_s + measured_s,
-        stagger=scenario.server != "naive",
+        stagger=scenario.stagger and scenario.server != "naive",
     )
-    log(f"[{scenario.name}] {label}{server.name}: C={spec.concurrency}, K={len(set(scenario.adapters) - {None})}, "
+    log(f"[{scenario.name}] {label}{server.name}: C={spec.concurrency}, K={scenario.adapter_count}, "
         f"{spec.duration_s:.0f} s (first {scenario.warmup_s:.0f} s not counted)")
 
     def progress(elapsed: float, records: list[RequestRecord]) -> None:
@@ -227,8 +296,9 @@ def result_row(scenario: Scenario, measured: Measured, options: argparse.Namespa
         "name": scenario.name,
         "server": scenario.server,
         "concurrency": options.concurrency,
-        "adapters": len(set(scenario.adapters) - {None}),
-        "max_new_tokens": options.max_new_tokens,
+        "adapters": scenario.adapter_count,
+        "max_new_tokens": scenario.max_new_tokens,
+        "traffic": "chat" if scenario.mix.questions else "essay",
         "rounds": len(measured.windows),
         "peak_rss_mb": round(measured.peak_rss / 2**20, 1),
         **summarize(measured.records, measured.windows),
@@ -241,33 +311,79 @@ def find_run(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next((r for r in runs if r["name"] == name), {})
 
 
-def targets_for(runs: list[dict[str, Any]], k: int, many: int) -> list[Target]:
-    ours, naive = find_run(runs, f"a: K={k}"), find_run(runs, f"a: naive K={k}")
-    base, one, lots = find_run(runs, "b: base"), find_run(runs, "c: K=1"), find_run(runs, f"c: K={many}")
-    tps = lambda run: run.get("tokens_per_s")  # noqa: E731
+def targets_for(runs: list[dict[str, Any]], options: argparse.Namespace) -> list[Target]:
+    k, many, store = options.adapters, options.many_adapters, options.store_adapters
+    run = lambda name: find_run(runs, name)  # noqa: E731
+    tps = lambda name: run(name).get("tokens_per_s")  # noqa: E731
     return [
-        Target("(a) throughput vs naive", ratio(tps(ours), tps(naive)), 10.0),
-        Target("(a) TTFT p50 s", ours.get("ttft_p50_s"), 1.5, higher_is_better=False),
-        Target("(b) adapters / base", ratio(tps(ours), tps(base)), 0.85),
-        Target(f"(c) K={many} / K=1", ratio(tps(lots), tps(one)), 0.9),
+        Target("(a) throughput vs naive", ratio(tps(f"a: K={k}"), tps(f"a: naive K={k}")), 10.0),
+        Target("(a) TTFT p50 s", run(f"a: K={k}").get("ttft_p50_s"), 1.5, higher_is_better=False),
+        Target("(b) adapters / base", ratio(tps(f"a: K={k}"), tps("b: base")), 0.85),
+        Target(f"(c) K={many} / K=1", ratio(tps(f"c: K={many}"), tps("c: K=1")), 0.9),
+        Target("(d) chat throughput vs naive", ratio(tps(f"d: chat K={k}"), tps(f"d: naive chat K={k}")), 8.0),
+        Target("(e) TTFT p50 cache hit / miss", ratio(run("e: prefix cache on").get("ttft_p50_s"),
+                                                       run("e: prefix cache off").get("ttft_p50_s")),
+               0.3, higher_is_better=False),
+        Target("(e) throughput cache on / off", ratio(tps("e: prefix cache on"), tps("e: prefix cache off")), 1.5),
+        Target(f"(f) {store} adapters uniform / K=1", ratio(tps(f"f: {store} uniform"), tps("f: K=1")), 0.85),
+        Target(f"(f) {store} adapters Zipf(1) / K=1", ratio(tps(f"f: {store} zipf"), tps("f: K=1")), 0.85),
+        Target(f"(f) TTFT p95 {store} uniform / K=1", ratio(run(f"f: {store} uniform").get("ttft_p95_s"),
+                                                            run("f: K=1").get("ttft_p95_s")),
+               1.5, higher_is_better=False),
     ]
 
 
-def plan_scenarios(options: argparse.Namespace, names: list[str]) -> list[Scenario]:
+@dataclass(frozen=True)
+class Adapters:
+    """The bench's adapters by use: random LoRAs for (a)-(c), the chat set (d), the tenants' (e),
+    and the large store (f)."""
+
+    random: list[str]
+    chat: list[str]
+    tenants: list[str]
+    many: list[str]
+
+
+def plan_scenarios(options: argparse.Namespace, adapters: Adapters) -> list[Scenario]:
     wanted = set(options.scenarios.split(","))
-    k_names = tuple(names[: options.adapters])
-    ours = lambda name, adapters: Scenario(name, "adaptserve", adapters, options.measure, options.warmup)  # noqa: E731
+    essays = make_prompts(options.prompt_tokens)
+    k_names = tuple(adapters.random[: options.adapters])
+
+    def ours(name: str, mix: RequestMix, server: str = "adaptserve", **extra) -> Scenario:
+        return Scenario(name, server, mix, options.measure, options.warmup,
+                        **{"max_new_tokens": options.max_new_tokens, **extra})
+
+    def essay(names) -> RequestMix:
+        return RequestMix(tuple(names), prompts=essays)
+
     plan = []
     if "a" in wanted:
-        plan.append(Scenario(f"a: naive K={options.adapters}", "naive", k_names,
-                             options.naive_measure, options.naive_warmup))
+        plan.append(Scenario(f"a: naive K={options.adapters}", "naive", essay(k_names),
+                             options.naive_measure, options.naive_warmup, options.max_new_tokens))
     if "b" in wanted:
-        plan.append(ours("b: base", (None,)))
+        plan.append(ours("b: base", essay((None,))))
     if wanted & {"a", "b"}:
-        plan.append(ours(f"a: K={options.adapters}", k_names))  # also the adapter side of (b)
+        plan.append(ours(f"a: K={options.adapters}", essay(k_names)))  # also the adapter side of (b)
     if "c" in wanted:
-        plan.append(ours("c: K=1", tuple(names[:1])))
-        plan.append(ours(f"c: K={options.many_adapters}", tuple(names[: options.many_adapters])))
+        plan.append(ours("c: K=1", essay(adapters.random[:1])))
+        plan.append(ours(f"c: K={options.many_adapters}", essay(adapters.random[: options.many_adapters])))
+    if "d" in wanted:
+        chat = RequestMix(tuple(adapters.chat), questions=QUESTIONS)
+        natural = dict(max_new_tokens=options.chat_max_new_tokens, stagger=False)
+        plan.append(Scenario(f"d: naive chat K={options.adapters}", "naive", chat, options.naive_measure,
+                             options.naive_warmup, **natural))
+        plan.append(ours(f"d: chat K={options.adapters}", chat, **natural))
+    if "e" in wanted:
+        systems = {name: tenant_system_prompt(i, options.system_prompt_tokens) for i, name in enumerate(adapters.tenants)}
+        tenants = RequestMix(tuple(adapters.tenants), questions=QUESTIONS, system_prompts=systems)
+        natural = dict(max_new_tokens=options.chat_max_new_tokens, stagger=False)
+        plan.append(ours("e: prefix cache on", tenants, **natural))
+        plan.append(ours("e: prefix cache off", tenants, "adaptserve-no-prefix-cache", **natural))
+    if "f" in wanted:
+        many = tuple(adapters.many)
+        plan.append(ours("f: K=1", essay(many[:1]), "adaptserve-many"))
+        plan.append(ours(f"f: {len(many)} uniform", essay(many), "adaptserve-many"))
+        plan.append(ours(f"f: {len(many)} zipf", RequestMix(many, prompts=essays, popularity="zipf"), "adaptserve-many"))
     return plan
 
 
@@ -279,14 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adaptserve bench", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="one short round: about 5 minutes in all")
-    parser.add_argument("--scenarios", default="a,b,c", help="which of a, b, c to run")
+    parser.add_argument("--quick", action="store_true", help="one short round: about 12 minutes in all")
+    parser.add_argument("--scenarios", default="a,b,c,d,e,f", help="which of a..f to run (comma-separated)")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (C)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in (a) and (b) (K)")
     parser.add_argument("--many-adapters", type=int, default=32, help="K of the large side of (c)")
     parser.add_argument("--ranks", default="8,16", help="LoRA ranks, assigned to adapters in turn")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="approximate prompt length")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per essay answer: (a)-(c), (f)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="approximate essay prompt length")
+    parser.add_argument("--chat-max-new-tokens", type=int, default=256,
+                        help="cap of a chat answer in (d) and (e), which ends at EOS well before it")
+    parser.add_argument("--system-prompt-tokens", type=int, default=300, help="each tenant's system prompt in (e)")
+    parser.add_argument("--store-adapters", type=int, default=500, help="adapters in the store of (f)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved rounds of every scenario, so load from other users of the "
                         "machine falls on all of them alike (default 3, --quick 1)")
@@ -340,55 +460,72 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = options.output or RESULTS_DIR / f"{started}.json"
     meta = _meta(options, argv, started)
-    prompts = make_prompts(options.prompt_tokens)
+    wanted = set(options.scenarios.split(","))
     if options.threads != 1 and meta["load_average"][0] >= (os.cpu_count() or 1):
         log(f"note: load average {meta['load_average'][0]:.1f} on {os.cpu_count()} CPUs; with other work "
             "running, figures will be noisy (--threads 1 can be steadier)")
 
     with tempfile.TemporaryDirectory(prefix="adaptserve-bench-") as tmp, contextlib.ExitStack() as servers:
-        store, naive_store = Path(tmp) / "store", Path(tmp) / "naive-store"
-        count = max(options.adapters, options.many_adapters if "c" in options.scenarios else 0)
+        tmp_path = Path(tmp)
+        store, naive_store, many_store = tmp_path / "store", tmp_path / "naive-store", tmp_path / "many-store"
+        count = max(options.adapters, options.many_adapters if "c" in wanted else 0)
         log(f"making {count} random LoRA adapters (r={options.ranks}, all 7 linear kinds) in {store}")
         names = make_adapters(store, count, tuple(int(r) for r in options.ranks.split(",")), options.base_model)
-        plan = plan_scenarios(options, names)
+        # (d): the trained example first, then random ones to make K.
+        chat = [copy_example(store, "date-iso")] + names[: options.adapters - 1] if "d" in wanted else []
+        many = []
+        if "f" in wanted:
+            many_store.mkdir()
+            log(f"making {options.store_adapters} LoRA adapters (r=8 on q_proj, v_proj) in {many_store}")
+            many = make_many_adapters(many_store, options.store_adapters, options.base_model)
+        plan = plan_scenarios(options, Adapters(names, chat, names[: options.adapters], many))
 
-        # Both servers stay up for the whole run and take turns: an idle server costs no CPU,
-        # and interleaving lets a noisy neighbour hit every scenario alike.
+        def adaptserve(key: str, adapters_dir: Path, *extra: str) -> None:
+            port = free_port()
+            log(f"starting {SERVERS[key]}")
+            running[key] = servers.enter_context(server_process(
+                key,
+                ["-m", "server.cli", "serve", "--port", str(port), "--adapters-dir", str(adapters_dir),
+                 "--base-model", options.base_model, "--max-batch-size", str(options.concurrency),
+                 "--no-install-example-adapters", "--drain-timeout-s", "1", "--threads", str(options.threads),
+                 *extra],
+                port, output.with_suffix(f".{key}.log"), options.ready_timeout,
+            ))
+
+        # Every server stays up for the whole run and they take turns: an idle server costs no
+        # CPU, and interleaving lets a noisy neighbour hit every scenario alike.
         running: dict[str, Server] = {}
-        if any(s.server == "naive" for s in plan):
+        needed = {s.server for s in plan}
+        if "naive" in needed:
             # The naive server loads every adapter it finds; give it only the ones it serves.
             naive_store.mkdir()
-            for name in names[: options.adapters]:
+            served = {a for s in plan if s.server == "naive" for a in s.mix.adapters if a is not None}
+            for name in sorted(served):
                 (naive_store / name).symlink_to(store / name, target_is_directory=True)
             port = free_port()
-            log("starting the naive PEFT server")
+            log(f"starting {SERVERS['naive']}")
             running["naive"] = servers.enter_context(server_process(
                 "naive",
                 ["-m", "bench.naive_server", "--port", str(port), "--adapters-dir", str(naive_store),
                  "--base-model", options.base_model, "--threads", str(options.threads)],
                 port, output.with_suffix(".naive.log"), options.ready_timeout,
             ))
-        if any(s.server == "adaptserve" for s in plan):
-            port = free_port()
-            log("starting adaptserve")
-            running["adaptserve"] = servers.enter_context(server_process(
-                "adaptserve",
-                ["-m", "server.cli", "serve", "--port", str(port), "--adapters-dir", str(store),
-                 "--base-model", options.base_model, "--max-device-adapters", str(max(32, count)),
-                 "--max-batch-size", str(options.concurrency), "--no-install-example-adapters",
-                 "--drain-timeout-s", "1", "--threads", str(options.threads)],
-                port, output.with_suffix(".adaptserve.log"), options.ready_timeout,
-            ))
+        if "adaptserve" in needed:
+            adaptserve("adaptserve", store)
+        if "adaptserve-no-prefix-cache" in needed:
+            adaptserve("adaptserve-no-prefix-cache", store, "--prefix-cache-bytes", "0")
+        if "adaptserve-many" in needed:
+            adaptserve("adaptserve-many", many_store)
 
         measured = {s.name: Measured([], []) for s in plan}
         for round_index in range(options.rounds):
             label = f"round {round_index + 1}/{options.rounds} " if options.rounds > 1 else ""
             for scenario in plan:
-                measure_round(running[scenario.server], scenario, options, prompts, measured[scenario.name], label)
+                measure_round(running[scenario.server], scenario, options, measured[scenario.name], label)
 
     runs = [result_row(s, measured[s.name], options) for s in plan]
     meta["load_average_after"] = list(os.getloadavg())
-    targets = targets_for(runs, options.adapters, options.many_adapters)
+    targets = targets_for(runs, options)
     print(format_table(runs))
     if options.rounds > 1:
         for run in runs:
