@@ -20,7 +20,8 @@ def build_engine(settings: Settings) -> Engine:
     if is_image_classifier(AutoConfig.from_pretrained(resolved.path)):
         vision = load_vision_base(settings.base_model, settings.cache_dir, settings.device, settings.dtype,
                                   settings.quantize)
-        return VisionEngine(vision, settings.max_batch_size, settings.max_device_adapters or settings.max_batch_size)
+        return VisionEngine(vision, settings.max_batch_size, settings.max_device_adapters or settings.max_batch_size,
+                            device_budget_bytes=settings.device_cache_bytes)
     base = load_base(settings.base_model, settings.cache_dir, settings.device, settings.dtype, settings.quantize)
     slots = settings.max_device_adapters or default_slot_count(
         base, settings.max_batch_size, settings.device_adapter_memory_bytes)

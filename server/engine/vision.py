@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,12 +50,15 @@ from server.contract import (
     AdapterBinding,
     ClassifyItem,
     ClassifyResult,
+    DeviceTierActivity,
     EngineInfo,
     FinishReason,
     GenerationRequest,
     TokenEvent,
 )
 from server.engine.base import BaseModelError, pick_device, pick_dtype
+from server.engine.engine import DeviceTierCounter
+from server.errors import AdapterLoadFailed
 
 logger = logging.getLogger(__name__)
 
@@ -262,11 +266,14 @@ def inject_vision_lora(backbone: nn.Module, slots: int, holder: PlanHolder) -> d
 
 
 class _SlotTable:
-    """Adapter content key -> slot, LRU among slots nobody holds (pins count as holders)."""
+    """Adapter content key -> slot, LRU among slots nobody holds (pins, and the rows of the
+    batch being classified, count as holders)."""
 
     def __init__(self, slots: int):
+        self.count = slots
         self.free = list(range(slots, 0, -1))  # slot 0 is the base
         self.by_key: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.nbytes: dict[str, int] = {}
         self.holds: collections.Counter[str] = collections.Counter()
 
     def lookup(self, key: str) -> int | None:
@@ -279,14 +286,11 @@ class _SlotTable:
         return next((k for k in self.by_key if self.holds[k] == 0), None)
 
 
-class NoFreeSlot(RuntimeError):
-    """Every slot holds a pinned adapter; the batch needs more slots than are free."""
-
-
 class VisionEngine:
     """The Engine contract over an image classifier: classify only (see the module docstring)."""
 
-    def __init__(self, base: LoadedVisionBase, max_batch_size: int, max_device_adapters: int):
+    def __init__(self, base: LoadedVisionBase, max_batch_size: int, max_device_adapters: int,
+                 device_budget_bytes: int | None = None):
         self.base = base
         self.signature = base.signature
         self.preprocessing = base.preprocessing
@@ -295,6 +299,8 @@ class VisionEngine:
         self.holder = PlanHolder()
         self.layers = inject_vision_lora(base.backbone, max_device_adapters, self.holder)
         self.slots = _SlotTable(max_device_adapters)
+        self.device_budget_bytes = device_budget_bytes  # adapter bytes in slots (None: only the slot count)
+        self.device_tier = DeviceTierCounter()
         self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
         self.info = EngineInfo(
             base_id=base.signature.canonical_id, kind="vision", max_context=0, device=str(base.device),
@@ -329,17 +335,25 @@ class VisionEngine:
     # --- adapters -------------------------------------------------------------------------
 
     def load_adapter(self, adapter: AdapterBinding) -> int:
-        """Slot of `adapter`, copying it in (evicting the least recently used unheld one) if needed."""
+        """Slot of `adapter`, copying it in if needed: into a free slot, else the least recently
+        used unheld one's; unheld adapters also go while the device byte budget is over."""
         slot = self.slots.lookup(adapter.key)
         if slot is not None:
+            self.device_tier.count("hits")
             return slot
-        if not self.slots.free:
+        started = time.perf_counter()
+        package: AdapterPackage = adapter.package
+        while not self.slots.free or self._over_budget(package.nbytes):
             victim = self.slots.victim()
             if victim is None:
-                raise NoFreeSlot(f"all {len(self.slots.by_key)} adapter slots are pinned")
+                if not self.slots.free:
+                    raise AdapterLoadFailed(f"all {self.slots.count} adapter slots are held (pinned, or in this "
+                                            f"batch); {adapter.name}@{adapter.version} cannot be loaded",
+                                            param="adapter", headers={"Retry-After": "5"})
+                break  # over the byte budget with every resident adapter held: load anyway
             self.evict_adapter(victim)
+            self.device_tier.count("evictions")
         slot = self.slots.free.pop()
-        package: AdapterPackage = adapter.package
         try:
             for name, weights in package.modules.items():
                 self.layers[name].load_slot(slot, weights, self.base.dtype, self.device)
@@ -354,7 +368,16 @@ class VisionEngine:
             self.slots.free.append(slot)
             raise
         self.slots.by_key[adapter.key] = slot
+        self.slots.nbytes[adapter.key] = package.nbytes
+        self.device_tier.loaded(time.perf_counter() - started)
         return slot
+
+    def _over_budget(self, incoming: int) -> bool:
+        budget = self.device_budget_bytes
+        return budget is not None and bool(self.slots.by_key) and sum(self.slots.nbytes.values()) + incoming > budget
+
+    def take_device_tier_activity(self) -> DeviceTierActivity:
+        return self.device_tier.take()
 
     def evict_adapter(self, key: str) -> None:
         slot = self.slots.by_key.get(key)
@@ -363,6 +386,7 @@ class VisionEngine:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         del self.slots.by_key[key]
+        del self.slots.nbytes[key]
         self.heads.pop(key, None)
         self.slots.free.append(slot)
 
@@ -392,21 +416,44 @@ class VisionEngine:
                 raise ValueError("a vision base classifies images: the item has no pixels")
             by_shape.setdefault(tuple(item.pixels.shape), []).append(index)
         for indices in by_shape.values():
-            for start in range(0, len(indices), self.max_batch_size):
-                chunk = indices[start : start + self.max_batch_size]
+            for chunk in self._batches(indices, items):
                 for index, result in zip(chunk, self._classify_batch([items[i] for i in chunk])):
                     results[index] = result
         return results
 
+    def _batches(self, indices: list[int], items: Sequence[ClassifyItem]) -> list[list[int]]:
+        """Runs of at most max_batch_size rows and at most one adapter per slot."""
+        batches: list[list[int]] = [[]]
+        adapters: set[str] = set()
+        for index in indices:
+            key = items[index].adapter.key if items[index].adapter is not None else None
+            full = len(batches[-1]) == self.max_batch_size
+            if full or (key is not None and key not in adapters and len(adapters) == self.slots.count):
+                batches.append([])
+                adapters = set()
+            batches[-1].append(index)
+            if key is not None:
+                adapters.add(key)
+        return batches
+
     def _classify_batch(self, items: Sequence[ClassifyItem]) -> list[ClassifyResult]:
-        slots = [self.load_adapter(item.adapter) if item.adapter is not None else 0 for item in items]
-        pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # [rows, 3, H, W]
-        pixels = pixels.to(self.device, self.base.dtype)
-        self.holder.plan = RowPlan.build(slots, self.device)
+        # Every adapter of the batch is held while it runs, resident ones before any load, so
+        # loading one row's adapter never evicts another row's.
+        held = list(dict.fromkeys(item.adapter.key for item in items if item.adapter is not None))
+        for key in held:
+            self.slots.holds[key] += 1
         try:
-            features = self.base.model(pixel_values=pixels).logits.float()  # [rows, hidden]
+            slots = [self.load_adapter(item.adapter) if item.adapter is not None else 0 for item in items]
+            pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # [rows, 3, H, W]
+            pixels = pixels.to(self.device, self.base.dtype)
+            self.holder.plan = RowPlan.build(slots, self.device)
+            try:
+                features = self.base.model(pixel_values=pixels).logits.float()  # [rows, hidden]
+            finally:
+                self.holder.plan = None
         finally:
-            self.holder.plan = None
+            for key in held:
+                self.slots.holds[key] -= 1
         results = []
         for row, item in enumerate(items):
             if item.adapter is not None:

@@ -15,6 +15,7 @@ from adapters.images import Preprocessing
 from adapters.validate import load_adapter_dir
 from server.contract import AdapterBinding, ClassifyItem
 from server.engine.vision import VisionEngine, load_vision_base
+from server.errors import AdapterLoadFailed
 from tests.unit.vision.conftest import base_with_head, image_bytes
 
 ARCHES = ["mobilenet_v2", "resnet", "vit"]
@@ -101,9 +102,31 @@ def test_slots_are_reused_lru_and_evicted_adapters_leave_no_trace(vision_bases, 
     assert engine.resident_adapters() == {five.key: False}
     again = engine.classify([ClassifyItem("", two, image)])[0]
     assert again.scores == pytest.approx(first.scores, abs=1e-6)
-    assert engine.hold_adapter(two.key, True)
-    with pytest.raises(RuntimeError, match="pinned"):
-        engine.classify([ClassifyItem("", five, image)])
+    # Two adapters in one call with one slot: run one after the other, each row on its own.
+    both = engine.classify([ClassifyItem("", two, image), ClassifyItem("", five, image)])
+    assert both[0].scores == pytest.approx(first.scores, abs=1e-6) and len(both[1].scores) == 5
+    activity = engine.take_device_tier_activity()
+    assert (activity.misses, activity.evictions) == (4, 3) and len(activity.load_seconds) == 4
+    assert engine.take_device_tier_activity().misses == 0  # taken once
+    assert engine.hold_adapter(five.key, True)
+    with pytest.raises(AdapterLoadFailed, match="held"):
+        engine.classify([ClassifyItem("", two, image)])
+
+
+def test_the_device_byte_budget_evicts_least_recently_used(vision_bases, vision_adapters, tmp_path):
+    base_dir, adapters = vision_bases["vit"], vision_adapters["vit"]
+    engine = engine_for(base_dir, tmp_path, slots=4)
+    two, five = binding(engine, adapters["two"], "two"), binding(engine, adapters["five"], "five")
+    engine.device_budget_bytes = max(two.package.nbytes, five.package.nbytes)  # room for one
+    image = pixels(base_dir, 5)
+    engine.classify([ClassifyItem("", two, image)])
+    engine.classify([ClassifyItem("", five, image)])
+    assert list(engine.resident_adapters()) == [five.key]
+    engine.take_device_tier_activity()
+    # Both in one batch: held while it runs, so the budget is exceeded rather than a row evicted.
+    engine.classify([ClassifyItem("", two, image), ClassifyItem("", five, image)])
+    assert set(engine.resident_adapters()) == {two.key, five.key}
+    assert engine.take_device_tier_activity().evictions == 0
 
 
 def test_generation_is_not_served(vision_bases, tmp_path):
