@@ -184,7 +184,9 @@ async def install_example_adapters(registry: Registry, base_id: str) -> None:
         if manifest.base_model != base_id or source.name in stored:
             continue
         with registry.store.staging() as staging:
-            for filename in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
-                shutil.copyfile(source / filename, staging / filename)
+            # What an upload may carry (config.json: an HF classifier's labels); not the reports.
+            for filename in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "config.json"):
+                if (source / filename).is_file():
+                    shutil.copyfile(source / filename, staging / filename)
             version, _ = await registry.publish(source.name, staging)
         logger.info("installed example adapter %s into the store", version.manifest.ref)

@@ -85,7 +85,7 @@ def stop(replica: Replica) -> None:
     if replica.process.poll() is None:
         replica.process.send_signal(signal.SIGTERM)
         try:
-            replica.process.wait(5)
+            replica.process.wait(15)  # a loaded machine takes seconds to exit
         except subprocess.TimeoutExpired:
             replica.process.kill()
             replica.process.wait()
