@@ -186,3 +186,14 @@ def test_merges_routes_and_uploads_work_as_for_text_classifiers(vision_server, v
     version = vision_server.services.settings.adapters_dir / "two-mix" / "versions" / stored.json()["version"]
     np.testing.assert_allclose(scores(served["results"][0]),
                                peft_scores(vision_bases[ARCH], version, 2, [image])[0], atol=1e-5)
+
+
+def test_models_and_metrics_describe_the_vision_base(vision_server):
+    with vision_server.client() as client:
+        client.post("/v1/classify", json={"images": [b64(image_bytes(10))], "adapter": "five"})
+        models = client.get("/v1/models").json()["data"]
+        metrics = client.get("/metrics")
+    assert models[0]["parent"] is None and models[0]["task"] == "image-classify"
+    assert {m["id"]: m["task"] for m in models[1:]}["five"] == "classify"
+    assert metrics.status_code == 200
+    assert 'adaptserve_requests_total{adapter="five",endpoint="/v1/classify",status="200"}' in metrics.text
