@@ -5,10 +5,11 @@ one directory (an RWX volume in Kubernetes), and one bucket on a real S3 API ser
 Uploads, new versions, rollbacks, persistent merges, pins, routes and deletes made through
 either replica reach the other by its store rescan within about a second, as README says
 (bound: the default --store-poll-interval-s plus 1 s for the rescan itself on two busy
-cores); same-name uploads on both replicas at once keep both versions; a server killed with SIGKILL mid-upload leaves nothing half-visible, and its
-restart cleans the debris and keeps everything published before (on S3, served from its
-disk cache without fetching again). On S3, an outage keeps adapters in memory answering
-and gives the others a clear 503.
+cores); same-name uploads on both replicas at once keep both versions; a server killed
+with SIGKILL mid-upload leaves nothing half-visible, and its restart cleans the debris and
+keeps everything published before (on S3, served from its disk cache without fetching
+again). On S3, an outage keeps adapters in memory answering and gives the others a clear
+503.
 """
 
 from __future__ import annotations
