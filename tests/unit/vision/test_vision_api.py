@@ -182,6 +182,12 @@ def test_merges_routes_and_uploads_work_as_for_text_classifiers(vision_server, v
         assert upload.status_code == 201, upload.text
         answer = client.post("/v1/classify", json={"images": [b64(image)], "adapter": "fresh"})
         assert answer.status_code == 200 and len(answer.json()["results"][0]["scores"]) == 3
+        # Tiers: pinned into a device slot, then dropped back to the host tier.
+        assert client.post("/v1/adapters/fresh/pin").status_code == 200
+        assert client.get("/v1/adapters/fresh").json()["status"] == "device"
+        assert client.post("/v1/adapters/fresh/unpin").status_code == 200
+        assert client.post("/v1/adapters/fresh/unload").status_code == 200
+        assert client.get("/v1/adapters/fresh").json()["status"] == "stored"  # unload drops both tiers
     # The stored merge is a real PEFT folder: PEFT itself loads it and agrees with the server.
     version = vision_server.services.settings.adapters_dir / "two-mix" / "versions" / stored.json()["version"]
     np.testing.assert_allclose(scores(served["results"][0]),
