@@ -172,6 +172,10 @@ class Settings(BaseSettings):
         4096 * 4096, ge=1, description="Largest width x height an image may declare; checked on its header, "
         "before any pixel is decoded.",
     )
+    max_logprobs: int = Field(
+        20, ge=0, le=100, description="Most alternatives per token a request may ask for (completions `logprobs`, "
+        "chat `top_logprobs`), as vLLM's --max-logprobs.",
+    )
     max_n: int = Field(4, ge=1, le=64, description="Choices per OpenAI request (n x prompts); each is a full row.")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="Largest JSON request body.")
 

@@ -24,6 +24,11 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Log-probabilities (from the logits the sampler reads, before temperature): None = not
+    # asked; k >= 0 = each token's own plus the k most likely. Prompt ones cost a pass of the
+    # vocabulary projection over the whole prompt, so only requests that ask pay it.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +59,13 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the k most likely (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     request_id: str
     text: str  # newly decoded text (may be empty while a stop string could still match)
@@ -65,6 +77,9 @@ class TokenEvent:
     error_code: ErrorCode | None = None  # the same, for code: the API maps it to its error
     queue_s: float | None = None  # on a request's first token: time from add() to its prefill
     cached_tokens: int | None = None  # on the first token: prompt tokens read from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token_ids, when the request asked
+    # On the first event, when asked: one per prompt token; the first is None (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,6 +125,7 @@ class EngineInfo:
     has_chat_template: bool
     base_labels: tuple[str, ...] = ()  # labels of a head the base itself has (vision); empty: none
     image_preprocessing: Any = None  # vision bases: adapters.images.Preprocessing, applied off the engine thread
+    vocab_size: int = 0  # token ids a prompt may be given as are 0 .. vocab_size - 1 (text bases)
 
 
 class Engine(Protocol):
@@ -121,6 +137,12 @@ class Engine(Protocol):
     def tokenize(self, prompt: str | None, messages: Sequence[dict[str, str]] | None) -> list[int]: ...
 
     def count_tokens(self, text: str) -> int: ...
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text (logprobs name tokens this way); any thread."""
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of a token sequence (a prompt given as ids, echoed back); any thread."""
 
     def add(self, request: GenerationRequest) -> None:
         """Queue a request; it joins the running batch at the next step boundary."""

@@ -198,8 +198,18 @@ class InferenceService:
         return binding
 
     def sampling_params(self, max_new_tokens: int | None, temperature: float, top_p: float, top_k: int,
-                        seed: int | None, stop: list[str], param_prefix: str = "") -> SamplingParams:
+                        seed: int | None, stop: list[str], param_prefix: str = "", logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """`logprobs` / `prompt_logprobs`: alternatives per generated / prompt token (None: none
+        asked). max_new_tokens 0 scores the prompt only, so it needs prompt_logprobs."""
         s = self.settings
+        for asked, param in ((logprobs, "logprobs"), (prompt_logprobs, "logprobs")):
+            if asked is not None and not 0 <= asked <= s.max_logprobs:
+                raise LimitExceeded(f"{param}={asked}: at most {s.max_logprobs} alternatives per token",
+                                    param=param_prefix + param)
+        if max_new_tokens == 0 and prompt_logprobs is None:
+            raise InvalidParameter("max_new_tokens=0 generates nothing: it needs the prompt's logprobs (echo)",
+                                   param=param_prefix + "max_new_tokens")
         if max_new_tokens is not None and max_new_tokens > s.max_new_tokens_limit:
             raise LimitExceeded(
                 f"max_new_tokens={max_new_tokens} exceeds the server limit {s.max_new_tokens_limit}",
@@ -212,17 +222,21 @@ class InferenceService:
                 f"stop strings must be 1..{s.max_stop_length} characters", param=param_prefix + "stop"
             )
         return SamplingParams(
-            max_new_tokens=max_new_tokens or s.default_max_new_tokens,
+            max_new_tokens=s.default_max_new_tokens if max_new_tokens is None else max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             seed=seed,
             stop=tuple(stop),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def prepare_generation(self, prompt: str | None, messages: Sequence[dict] | None,
-                                 target: Target | str | None, params: SamplingParams) -> GenerationRequest:
-        """`target`: resolved by resolve_target, or an adapter ref (None = the base)."""
+                                 target: Target | str | None, params: SamplingParams,
+                                 prompt_ids: Sequence[int] | None = None) -> GenerationRequest:
+        """`target`: resolved by resolve_target, or an adapter ref (None = the base).
+        `prompt_ids`: the prompt as token ids (OpenAI completions accept them), not tokenized again."""
         if self.info.kind != "decoder":
             what = "an image classifier" if self.info.kind == "vision" else "an encoder"
             raise UnsupportedForBase(f"base {self.info.base_id} is {what}: it serves /v1/classify only", param="prompt")
@@ -232,7 +246,13 @@ class InferenceService:
             target = Target(await self.bind(target, "generate"))
         elif target.binding is not None and target.binding.package.manifest.task != "generate":
             raise AdapterTaskMismatch(f"{target.label} is a classify adapter; use /v1/classify", param="adapter")
-        prompt_ids = await asyncio.to_thread(self.engine.tokenize, prompt, messages)
+        if prompt_ids is not None:
+            outside = next((i for i in prompt_ids if not 0 <= i < self.info.vocab_size), None)
+            if outside is not None:
+                raise InvalidParameter(f"token id {outside} is not in the vocabulary (0..{self.info.vocab_size - 1})",
+                                       param="prompt")
+        else:
+            prompt_ids = await asyncio.to_thread(self.engine.tokenize, prompt, messages)
         limit = min(self.settings.max_prompt_tokens, self.info.max_context - 1)
         if len(prompt_ids) > limit:
             raise LimitExceeded(f"prompt is {len(prompt_ids)} tokens; the limit is {limit}", param="prompt")

@@ -36,8 +36,9 @@ from server.api.openai_schemas import (
     PromptFormatOut,
     UsageOut,
 )
+from server.api.logprobs import chat_logprobs, completion_logprobs
 from server.api.schemas import ErrorResponse
-from server.contract import GenerationRequest, TokenEvent
+from server.contract import GenerationRequest, TokenEvent, TokenLogprob
 from server.errors import (
     AdapterNotFound,
     AdaptserveError,
@@ -231,16 +232,31 @@ class _Run:
             for task in tasks:
                 task.cancel()  # a no-op for finished rows; the others leave the batch at the next step
 
-    async def collect(self) -> tuple[list[str], list[str]]:
-        """(text, finish_reason) per choice, for a non-streaming response."""
-        texts: list[list[str]] = [[] for _ in self.requests]
-        reasons = [""] * len(self.requests)
+    async def collect(self) -> list[_Choice]:
+        """Every choice in full, for a non-streaming response."""
+        choices = [_Choice() for _ in self.requests]
         async for index, event in self.events():
-            texts[index].append(event.text)
+            choice = choices[index]
+            choice.parts.append(event.text)
+            choice.logprobs.extend(event.logprobs)
+            if event.prompt_logprobs is not None:
+                choice.prompt_logprobs = event.prompt_logprobs
             if event.finished:
                 _raise_failure(event)
-                reasons[index] = event.finish_reason
-        return ["".join(t) for t in texts], reasons
+                choice.finish_reason = event.finish_reason
+        return choices
+
+
+@dataclasses.dataclass
+class _Choice:
+    parts: list[str] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)  # of the generated tokens
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def _raise_failure(event: TokenEvent) -> None:
@@ -262,21 +278,26 @@ def _check_supported(body: CompletionRequest | ChatCompletionRequest, prompts: i
 
 
 async def _prepare(services: Services, body: CompletionRequest | ChatCompletionRequest, inputs: list[dict],
-                   limit: int | None, limit_param: str, input_param: str) -> list[GenerationRequest]:
+                   limit: int | None, limit_param: str, input_param: str, logprobs: int | None = None,
+                   prompt_logprobs: int | None = None, logprobs_param: str = "logprobs") -> list[GenerationRequest]:
     """One engine request per choice, in OpenAI's choice order (prompt-major, then n).
 
     Every choice runs on the same adapter version: the target is resolved once for all of them.
+    An input is {"prompt": text}, {"prompt_ids": [...]} or {"messages": [...]}.
     """
     inference = services.inference
-    with _openai_params(adapter="model", task="model", prompt=input_param, max_new_tokens=limit_param):
-        params = inference.sampling_params(limit, body.temperature, body.top_p, 0, body.seed, body.stop_list())
+    with _openai_params(adapter="model", task="model", prompt=input_param, max_new_tokens=limit_param,
+                        logprobs=logprobs_param):
+        params = inference.sampling_params(limit, body.temperature, body.top_p, 0, body.seed, body.stop_list(),
+                                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         # `task:<name>` picks through a task route; `user` keeps one end user on one side of a split.
         task = body.model.removeprefix(TASK_PREFIX) if body.model.startswith(TASK_PREFIX) else None
         ref = None if task else adapter_ref_for(body.model, services)
         target = await inference.resolve_target("generate", adapter=ref, task=task, route_key=body.user)
         requests: list[GenerationRequest] = []
         for item in inputs:
-            first = await inference.prepare_generation(item.get("prompt"), item.get("messages"), target, params)
+            first = await inference.prepare_generation(item.get("prompt"), item.get("messages"), target, params,
+                                                       prompt_ids=item.get("prompt_ids"))
             for index in range(body.n):
                 seed = None if body.seed is None else (body.seed + index) % 2**63
                 requests.append(dataclasses.replace(
@@ -287,7 +308,7 @@ async def _prepare(services: Services, body: CompletionRequest | ChatCompletionR
         return requests
 
 
-async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, str, str | None], dict],
+async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, TokenEvent, str | None], dict],
                opening: list[dict]) -> AsyncIterator[str]:
     """OpenAI's stream: `opening` chunks, a chunk per text delta, one per finish, optional usage, [DONE]."""
 
@@ -307,11 +328,12 @@ async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, str, str | 
         yield frame(opening)
     try:
         async for index, event in run.events():
-            if event.text:
-                yield frame([chunk(index, event.text, None)])
             if event.finished:
                 _raise_failure(event)
-                yield frame([chunk(index, "", event.finish_reason)])
+            if event.text or event.logprobs or event.prompt_logprobs:
+                yield frame([chunk(index, event, None)])
+            if event.finished:
+                yield frame([chunk(index, None, event.finish_reason)])
     except AdaptserveError as exc:
         # Headers are gone; the `openai` client raises APIError on an `error` event.
         run.state.error = exc.code
@@ -344,24 +366,29 @@ async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesD
     if body.max_tokens is not None and body.max_completion_tokens not in (None, body.max_tokens):
         raise InvalidRequest("max_tokens and max_completion_tokens disagree; give one", param="max_tokens")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    requests = await _prepare(services, body, [{"messages": messages}], limit, limit_param, "messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    requests = await _prepare(services, body, [{"messages": messages}], limit, limit_param, "messages",
+                              logprobs=logprobs, logprobs_param="top_logprobs")
+    strings = services.inference.engine.token_strings
     run = _Run(http_request, services, requests, body.n, "chat_completions", body.user,
                prompt_warnings(requests[0].adapter, messages))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(index: int, text: str, finish: str | None) -> dict:
-            delta = {"content": text} if text else {}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def chunk(index: int, event: TokenEvent | None, finish: str | None) -> dict:
+            delta = {"content": event.text} if event is not None and event.text else {}
+            found = chat_logprobs(event.logprobs, strings).model_dump() if event is not None and logprobs is not None else None
+            return {"index": index, "delta": delta, "logprobs": found, "finish_reason": finish}
 
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for i in range(len(requests))]
         return _stream_response(services, _sse(run, include_usage, chunk, opening))
-    texts, reasons = await unless_disconnected(http_request, run.collect())
+    choices = await unless_disconnected(http_request, run.collect())
     return ChatCompletionResponse(
         id=run.id, created=run.created, model=run.model, usage=run.usage(),
-        choices=[ChatChoice(index=i, message=ChatMessageOut(content=t), finish_reason=r)
-                 for i, (t, r) in enumerate(zip(texts, reasons))],
+        choices=[ChatChoice(index=i, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+                            logprobs=chat_logprobs(c.logprobs, strings) if logprobs is not None else None)
+                 for i, c in enumerate(choices)],
         warnings=run.warnings,
     )
 
@@ -370,23 +397,59 @@ async def chat_completions(body: ChatCompletionRequest, services: ReadyServicesD
 async def completions(body: CompletionRequest, services: ReadyServicesDep, http_request: Request):
     http_request.state.model = body.model
     prompts = body.prompts()
-    if not prompts:
-        raise InvalidRequest("prompt is an empty list", param="prompt")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise InvalidRequest("prompt is empty", param="prompt")
     _check_supported(body, len(prompts), services.settings.max_n)
-    requests = await _prepare(services, body, [{"prompt": p} for p in prompts], body.max_tokens, "max_tokens",
-                              "prompt")
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidRequest("max_tokens=0 returns nothing without echo", param="max_tokens")
+    # Echo with logprobs scores the prompt (every position's logits); max_tokens 0 means only that.
+    prompt_logprobs = (body.logprobs or 0) if body.echo and (body.logprobs is not None or body.max_tokens == 0) else None
+    inputs = [{"prompt": p} if isinstance(p, str) else {"prompt_ids": p} for p in prompts]
+    requests = await _prepare(services, body, inputs, body.max_tokens, "max_tokens", "prompt",
+                              logprobs=body.logprobs, prompt_logprobs=prompt_logprobs)
     run = _Run(http_request, services, requests, body.n, "completions", body.user,
                prompt_warnings(requests[0].adapter, None))
+    inference = services.inference
+    # What echo puts before each choice's completion: its prompt's text.
+    echoes = [""] * len(requests)
+    if body.echo:
+        texts = [p if isinstance(p, str) else await asyncio.to_thread(inference.engine.decode, p) for p in prompts]
+        echoes = [texts[i // body.n] for i in range(len(requests))]
+    strings = inference.engine.token_strings
+
+    def prompt_entries(request: GenerationRequest, found) -> list:
+        return list(zip(request.prompt_ids, found)) if found is not None else []
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        offsets = [0] * len(requests)  # characters of each choice's text streamed so far
+        echoed = [not body.echo] * len(requests)
 
-        def chunk(index: int, text: str, finish: str | None) -> dict:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        def chunk(index: int, event: TokenEvent | None, finish: str | None) -> dict:
+            if event is None:
+                return {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
+            text, entries = event.text, []
+            if not echoed[index]:  # the first chunk of a choice carries its prompt
+                echoed[index] = True
+                text = echoes[index] + text
+                entries = prompt_entries(requests[index], event.prompt_logprobs)
+            entries += [(e.token_id, e) for e in event.logprobs]
+            found = None
+            if body.logprobs is not None:
+                found = completion_logprobs(entries, strings, offsets[index]).model_dump()
+            offsets[index] += len(text)
+            return {"index": index, "text": text, "logprobs": found, "finish_reason": finish}
 
         return _stream_response(services, _sse(run, include_usage, chunk, []))
-    texts, reasons = await unless_disconnected(http_request, run.collect())
-    return CompletionResponse(
-        id=run.id, created=run.created, model=run.model, usage=run.usage(),
-        choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],
-        warnings=run.warnings,
-    )
+    choices = await unless_disconnected(http_request, run.collect())
+    out = []
+    for i, choice in enumerate(choices):
+        found = None
+        if body.logprobs is not None:
+            entries = prompt_entries(requests[i], choice.prompt_logprobs) if body.echo else []
+            entries += [(e.token_id, e) for e in choice.logprobs]
+            found = completion_logprobs(entries, strings)
+        out.append(CompletionChoice(index=i, text=echoes[i] + choice.text, finish_reason=choice.finish_reason,
+                                    logprobs=found))
+    return CompletionResponse(id=run.id, created=run.created, model=run.model, usage=run.usage(), choices=out,
+                              warnings=run.warnings)

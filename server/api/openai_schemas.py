@@ -83,33 +83,44 @@ class _SamplingFields(BaseModel):
         return None
 
 
+TokenIds = list[int]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Text | list[Text] = Field(..., description="One prompt or several; token-id prompts are not supported.")
-    echo: bool = False
+    prompt: Text | list[Text] | TokenIds | list[TokenIds] = Field(
+        ..., description="One prompt or several, as text or as token ids (not tokenized again)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="Defaults to the server's default_max_new_tokens; 0 (with echo) scores the prompt only."
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs, if asked).")
+    logprobs: int | None = Field(
+        None, ge=0, description="Log-probabilities of each token and of its `logprobs` most likely alternatives "
+        "(at most the server's max_logprobs)."
+    )
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Text prompts as strings, token-id prompts as lists of ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
         if self.suffix is not None:
             return "suffix", "suffix (insertion) is not supported"
         if self.best_of not in (None, 1, self.n):
             return "best_of", "best_of other than n is not supported"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported by this engine"
         return super().unsupported()
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="Log-probability of each generated token.")
+    top_logprobs: int | None = Field(None, ge=0, description="With logprobs: that many most likely alternatives "
+                                     "per token (at most the server's max_logprobs).")
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -118,10 +129,8 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: str | dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported by this engine"
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs are not supported by this engine"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         if self.response_format is not None and self.response_format.get("type") != "text":
             return "response_format", "only response_format {\"type\": \"text\"} is supported"
         for name in ("tools", "functions"):
@@ -183,10 +192,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs object: one entry per token of `text` (with echo, the prompt's
+    first; its first token has no logprob, as nothing precedes it)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str
 
 
@@ -205,10 +224,25 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = Field(None, description="UTF-8 bytes of `token`.")
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str
 
 

@@ -32,10 +32,12 @@ from server.contract import (
     FinishReason,
     GenerationRequest,
     TokenEvent,
+    TokenLogprob,
 )
 from server.engine.base import BaseModelError, LoadedBase
 from server.engine.cpu_threads import ThreadPolicy, block_list
 from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, StepLayout, attach, kv_bytes_per_token, unsupported_reason
+from server.engine.logprobs import token_logprobs
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora, stage_adapter
 from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixMatch
 from server.engine.sampling import Detokenizer, SampledRows, UniformStream, choose_tokens, finish_reason_for
@@ -79,6 +81,7 @@ class _Row:
     # Reported on the first token only:
     queue_s: float | None = None
     cached_tokens: int = 0
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def pending(self) -> int:
@@ -188,6 +191,7 @@ class TorchEngine:
             quantization=base.quantization,
             max_device_adapters=max_device_adapters,
             has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+            vocab_size=len(self.tokenizer),
         )
         self._update_stats()
 
@@ -221,6 +225,15 @@ class TorchEngine:
     def count_tokens(self, text: str) -> int:
         with self.tokenizer_lock:
             return len(self.tokenizer(text)["input_ids"])
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        # Decoded one by one: a token that is part of a multi-byte character shows as U+FFFD.
+        with self.tokenizer_lock:
+            return [self.tokenizer.decode([token_id]) for token_id in token_ids]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(list(token_ids))
 
     # --- adapters -----------------------------------------------------------------------
 
@@ -450,7 +463,12 @@ class TorchEngine:
         prefix = self.kv.prefix
         if prefix is None or not prefix.enabled:
             return None
-        return prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids)
+        match = prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids)
+        if request.params.prompt_logprobs is not None:
+            # Every prompt position's logits are needed: nothing is read from the cache (what
+            # this prompt computes is still stored for later requests).
+            match = PrefixMatch(match.keys, 0)
+        return match
 
     def _set_plan(self, slots: list[int]) -> None:
         self.context.plan = LoRABatchPlan.for_rows(slots, self.context.positions, self.device)
@@ -483,22 +501,31 @@ class TorchEngine:
             layout.use_prefix(plans)
         token_ids = [r.pending for r in self.rows]
         positions = [len(r.request.prompt_ids) + len(r.generated) - 1 for r in self.rows]
-        logit_at = list(range(running))
-        for row, prefill in zip(admitted, layout.prefills):
+        logit_at = list(range(running))  # packed tokens whose logits the vocabulary projection computes
+        last_logit = list(range(running))  # each stepping row's next-token logits among them
+        prompt_spans: dict[int, tuple[int, int, int]] = {}  # row -> (first logit, packed offset, length)
+        for index, (row, prefill) in enumerate(zip(admitted, layout.prefills), start=running):
             prompt = row.request.prompt_ids
             row.cached_tokens = prefill.cached
+            offset = len(token_ids)
             token_ids.extend(prompt[prefill.cached :])
             positions.extend(range(prefill.cached, len(prompt)))
-            logit_at.append(len(token_ids) - 1)
+            if row.request.params.prompt_logprobs is not None:  # never cached: see _prefix_match
+                prompt_spans[index] = (len(logit_at), offset, len(prompt))
+                logit_at.extend(range(offset, offset + len(prompt)))
+            else:
+                logit_at.append(len(token_ids) - 1)
+            last_logit.append(len(logit_at) - 1)
         stepping = self.rows + admitted
+        wants = [i for i, r in enumerate(stepping) if r.request.params.logprobs is not None]
         buffer = StepBuffer()
         handles = [buffer.longs(token_ids), buffer.longs(positions), buffer.longs(logit_at),
-                   buffer.longs(layout.row_starts)]
+                   buffer.longs(layout.row_starts), buffer.longs(last_logit), buffer.longs(wants)]
         block_handles = [(buffer.longs(plan.read) if plan.read else None, buffer.longs(plan.write) if plan.write else None)
                          for plan in plans]
         sampling = SampledRows.stage(buffer, [r.request.params for r in stepping], [r.uniforms for r in stepping])
         sent = buffer.send(self.device)
-        input_ids, position_ids, keep, row_starts = (sent[h] for h in handles)
+        input_ids, position_ids, keep, row_starts, last, wanted = (sent[h] for h in handles)
         blocks = [tuple(None if h is None else sent[h] for h in pair) for pair in block_handles]
         self.kv.begin_step(row_starts, self.base.dtype, blocks)
         self.context.plan = self._lora_plan(admitted, layout)
@@ -509,7 +536,7 @@ class TorchEngine:
                 attention_mask=self._passthrough_mask,
                 use_cache=False,
                 logits_to_keep=keep,
-            ).logits[0]  # [running + admitted, vocab]
+            ).logits[0]  # [kept, vocab]
         except BaseException:
             self.kv.abandon_step()
             for row in admitted:  # the caller fails every request of this step
@@ -519,20 +546,44 @@ class TorchEngine:
             self.context.plan = None
         self.kv.finish_step(len(admitted))
         self.rows.extend(admitted)
-        chosen = choose_tokens(logits, sampling.on_device(sent) if sampling is not None else None)
-        self._emit(chosen.tolist(), events)
+        next_logits = logits.index_select(0, last) if prompt_spans else logits  # [rows, vocab]
+        chosen = choose_tokens(next_logits, sampling.on_device(sent) if sampling is not None else None)
+        chosen_logprobs: dict[int, TokenLogprob] = {}
+        if wants:
+            top = max(stepping[i].request.params.logprobs for i in wants)
+            found = token_logprobs(next_logits.index_select(0, wanted), chosen.index_select(0, wanted), top)
+            chosen_logprobs = {i: self._cut(found_one, stepping[i].request.params.logprobs)
+                               for i, found_one in zip(wants, found)}
+        for index, (first, offset, length) in prompt_spans.items():
+            # Position i's logits predict prompt token i + 1; the first token has no logprob.
+            k = stepping[index].request.params.prompt_logprobs
+            found = token_logprobs(logits[first : first + length - 1], input_ids[offset + 1 : offset + length], k)
+            stepping[index].prompt_logprobs = (None, *found)
+        self._emit(chosen.tolist(), chosen_logprobs, events)
 
-    def _emit(self, tokens: list[int], events: list[TokenEvent]) -> None:
-        """tokens: one per running row in order; finished rows leave."""
+    @staticmethod
+    def _cut(found: TokenLogprob, top: int) -> TokenLogprob:
+        """The step computes the largest top-k asked; each row keeps its own k."""
+        return found if len(found.top) == top else TokenLogprob(found.token_id, found.logprob, found.top[:top])
+
+    def _emit(self, tokens: list[int], logprobs: dict[int, TokenLogprob], events: list[TokenEvent]) -> None:
+        """tokens: one per running row in order (logprobs: for the rows that asked); finished rows leave."""
         rows = list(self.rows)
         finished: dict[int, FinishReason] = {}
         for index, (row, token) in enumerate(zip(rows, tokens)):
-            first = not row.generated
-            row.generated.append(token)
+            first = row.queue_s is not None
+            params = row.request.params
             prompt_tokens = len(row.request.prompt_ids)
+            if params.max_new_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                finished[index] = "length"
+                events.append(TokenEvent(row.request.request_id, "", (), "length", prompt_tokens, 0,
+                                         queue_s=row.queue_s, cached_tokens=row.cached_tokens,
+                                         prompt_logprobs=row.prompt_logprobs))
+                continue
+            row.generated.append(token)
             reason = finish_reason_for(
                 token, self.eos_ids, len(row.generated), prompt_tokens + len(row.generated),
-                row.request.params, self.base.max_context,
+                params, self.base.max_context,
             )
             text, stopped = row.detokenizer.push(None if reason == "stop" else token)
             if stopped:
@@ -542,9 +593,11 @@ class TorchEngine:
                 finished[index] = reason
             events.append(
                 TokenEvent(row.request.request_id, text, (token,), reason, prompt_tokens, len(row.generated),
-                           queue_s=row.queue_s if first else None,
-                           cached_tokens=row.cached_tokens if first else None)
+                           queue_s=row.queue_s, cached_tokens=row.cached_tokens if first else None,
+                           logprobs=(logprobs[index],) if index in logprobs else (),
+                           prompt_logprobs=row.prompt_logprobs if first else None)
             )
+            row.queue_s = None  # reported once
         if finished:
             self._remove_rows(finished)
 

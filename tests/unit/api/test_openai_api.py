@@ -121,7 +121,8 @@ def test_completions_prompt_list_gives_one_choice_per_prompt(client):
     ("gen-a", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      openai.BadRequestError, "tools"),
     ("gen-a", {"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format"),
-    ("gen-a", {"logprobs": True}, openai.BadRequestError, "logprobs"),
+    ("gen-a", {"top_logprobs": 2}, openai.BadRequestError, "top_logprobs"),  # needs logprobs: true
+    ("gen-a", {"logprobs": True, "top_logprobs": 21}, openai.BadRequestError, "top_logprobs"),  # --max-logprobs
     ("gen-a", {"presence_penalty": 0.5}, openai.BadRequestError, "presence_penalty"),
     ("gen-a", {"logit_bias": {"1": 5}}, openai.BadRequestError, "logit_bias"),
     ("gen-a", {"n": 5}, openai.BadRequestError, "n"),
@@ -139,7 +140,8 @@ def test_errors_surface_as_the_clients_exception_types(client, model, kwargs, er
 
 
 def test_completion_only_params_are_refused_too(client):
-    for kwargs, param in (({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"), ({"suffix": "x"}, "suffix")):
+    for kwargs, param in (({"suffix": "x"}, "suffix"), ({"logprobs": 21}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
+                          ({"best_of": 3}, "best_of")):
         with pytest.raises(openai.BadRequestError) as caught:
             client.completions.create(model="gen-a", prompt="hi", **kwargs)
         assert caught.value.body["param"] == param
