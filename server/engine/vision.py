@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from adapters.bases import is_image_classifier, resolve_base
+from adapters.bases import distinct_labels, is_image_classifier, resolve_base
 from adapters.images import Preprocessing
 from adapters.package import AdapterPackage, LoraModule
 from adapters.signature import BaseSignature, ConvShape
@@ -227,7 +227,7 @@ def load_vision_base(base_model: str, cache_dir: Path, device: str = "auto", dty
     trained_head = not any(key.startswith(head_prefix + ".") for key in loading.get("missing_keys", []))
     base_head = (linear.weight.detach().float().clone(),
                  linear.bias.detach().float().clone() if linear.bias is not None else None) if trained_head else None
-    labels = tuple(str(config.id2label[i]) for i in range(linear.out_features)) if trained_head else ()
+    labels = tuple(distinct_labels([str(config.id2label[i]) for i in range(linear.out_features)])) if trained_head else ()
     # The model's own forward now ends at the features the head reads ([rows, hidden]).
     parent = model.get_submodule(head_module) if head_linear else model
     setattr(parent, head_linear or head_module, nn.Identity())

@@ -134,3 +134,11 @@ def test_generation_is_not_served(vision_bases, tmp_path):
     assert not engine.has_work() and engine.step() == []
     with pytest.raises(ValueError, match="image classifier"):
         engine.tokenize("hello", None)
+
+
+def test_repeated_label_names_stay_apart():
+    from adapters.bases import distinct_labels, imagenet_labels
+
+    assert distinct_labels(["cat", "crane", "dog", "crane"]) == ["cat", "crane (1)", "dog", "crane (3)"]
+    labels = imagenet_labels()
+    assert len(set(labels)) == 1000 and labels[134] == "crane (134)" and labels[698] == "palace"
