@@ -36,11 +36,16 @@ def _report(name: str) -> dict:
     return json.loads((_example(name) / "report.json").read_text())
 
 
-def _readme_row(name: str) -> list[str]:
-    """The README example table's cells for `name`, bold marks dropped."""
-    row = re.search(rf"^\| `{re.escape(name)}` \|(.*)\|$", (REPO / "README.md").read_text(), re.MULTILINE)
-    assert row, f"README has no example-table row for {name}"
-    return [cell.strip().replace("**", "") for cell in row.group(1).split("|")]
+def _readme_row(name: str) -> dict[str, str]:
+    """The README example table's cells for `name` by column title (after the name), bold marks dropped."""
+    readme = (REPO / "README.md").read_text()
+    header = re.search(r"^\| adapter \|(.*)\|$", readme, re.MULTILINE)
+    row = re.search(rf"^\| `{re.escape(name)}` \|(.*)\|$", readme, re.MULTILINE)
+    assert header and row, f"README has no example table, or no row for {name}"
+    titles, cells = (
+        [cell.strip().replace("**", "") for cell in match.group(1).split("|")] for match in (header, row)
+    )
+    return dict(zip(titles, cells))
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -65,7 +70,10 @@ def test_example_was_trained_on_the_shipped_data(name):
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_readme_example_table_states_the_reported_figures(name):
     report = _report(name)
-    _, held_out, base, adapter = _readme_row(name)
+    row = _readme_row(name)
+    held_out, base, adapter = row["held-out"], row["base"], row["adapter"]
+    # The request shape the report names (its manifest's prompt format, or the classify field).
+    assert f"`{report['request']['field']}`" in row["asked with"]
     headline = report["headline_metric"]
     assert held_out == f"{report['data']['held_out_examples']} examples"
     assert f"{SHOWN[headline]} {report['base_metrics'][headline]:.2f}" in base
