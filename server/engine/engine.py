@@ -13,7 +13,6 @@ adapters and the base.
 from __future__ import annotations
 
 import collections
-import heapq
 import logging
 import threading
 import time
@@ -40,6 +39,7 @@ from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, StepLayout, attach, 
 from server.engine.logprobs import token_logprobs
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora, stage_adapter
 from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixMatch
+from server.engine.slots import AdapterSlots, NoFreeSlot
 from server.engine.sampling import Detokenizer, SampledRows, UniformStream, choose_tokens, finish_reason_for
 from server.engine.staging import StepBuffer
 
@@ -66,10 +66,6 @@ def default_slot_count(base: LoadedBase, max_batch_size: int, budget_bytes: int 
     return slots
 
 
-class NoFreeSlot(Exception):
-    """Every device slot holds an adapter that a running row still uses."""
-
-
 @dataclass(eq=False)
 class _Row:
     request: GenerationRequest
@@ -86,56 +82,6 @@ class _Row:
     @property
     def pending(self) -> int:
         return self.generated[-1]
-
-
-class SlotTable:
-    """Adapter content key -> device slot, LRU among slots no request holds; the lowest free
-    slot is taken first, so the pools (which grow to the highest slot in use) stay small."""
-
-    def __init__(self, slots: int):
-        self.free = list(range(1, slots + 1))  # a heap; slot 0 is the base
-        self.by_key: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self.users: collections.Counter[str] = collections.Counter()
-        self.nbytes: dict[str, int] = {}  # adapter bytes per resident key
-
-    def lookup(self, key: str) -> int | None:
-        slot = self.by_key.get(key)
-        if slot is not None:
-            self.by_key.move_to_end(key)
-        return slot
-
-    def victim(self) -> str | None:
-        return next((k for k in self.by_key if self.users[k] == 0), None)
-
-    def take(self) -> int:
-        return heapq.heappop(self.free)
-
-    def release(self, slot: int) -> None:
-        heapq.heappush(self.free, slot)
-
-
-class DeviceTierCounter:
-    """The engine thread counts, a metrics reader takes the counts (under a lock)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: collections.Counter[str] = collections.Counter()
-        self._load_seconds: list[float] = []
-
-    def count(self, what: str) -> None:
-        with self._lock:
-            self._counts[what] += 1
-
-    def loaded(self, seconds: float) -> None:
-        with self._lock:
-            self._counts["misses"] += 1
-            self._load_seconds.append(seconds)
-
-    def take(self) -> DeviceTierActivity:
-        with self._lock:
-            counts, seconds = self._counts, self._load_seconds
-            self._counts, self._load_seconds = collections.Counter(), []
-        return DeviceTierActivity(counts["hits"], counts["misses"], counts["evictions"], tuple(seconds))
 
 
 class TorchEngine:
@@ -155,17 +101,19 @@ class TorchEngine:
         # A decode batch or a classify batch never has more distinct adapters than rows or slots.
         self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads, self.device,
                                    cpu_kernel=self._cpu_kernel(base))
+        # On CPU adapters stay float32 whatever the base computes in (the compiled loop reads
+        # float32; an adapter is a few MB): bf16 rounding applies only to the sum it adds.
+        self.pool_dtype = torch.float32 if self.device.type == "cpu" else base.dtype
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
-        self.slots = SlotTable(max_device_adapters)
-        self.device_budget_bytes = device_budget_bytes  # adapter bytes in slots (None: only the slot count)
-        self.device_tier = DeviceTierCounter()
-        self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
+        self.slots = AdapterSlots(max_device_adapters, self.device, device_budget_bytes, self._copy_in,
+                                  self._clear_slot, self._slots_changed)
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
+        kv_dtype = torch.float32 if self.device.type == "cpu" else base.dtype  # see SlabKVCache.dtype
         prefix = None
         if base.signature.kind == "decoder" and prefix_cache_bytes:
-            prefix = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(self.model, base.dtype) * BLOCK_TOKENS)
-        self.kv = SlabKVCache(max_batch_size, self.device, self.threads, prefix=prefix)
+            prefix = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(self.model, kv_dtype) * BLOCK_TOKENS)
+        self.kv = SlabKVCache(max_batch_size, self.device, self.threads, prefix=prefix, dtype=kv_dtype)
         if base.signature.kind == "decoder":
             reason = unsupported_reason(self.model)
             if reason is not None:
@@ -197,9 +145,9 @@ class TorchEngine:
 
     @staticmethod
     def _cpu_kernel(base: LoadedBase):
-        """The compiled LoRA loop for CPU float32 steps (None elsewhere: numba is imported only
-        where it runs)."""
-        if base.device.type != "cpu" or base.dtype != torch.float32:
+        """The compiled LoRA loop for CPU steps, float32 or bfloat16 activations over float32
+        pools (None elsewhere: numba is imported only where it runs)."""
+        if base.device.type != "cpu":
             return None
         from server.engine import cpu_sgmv
 
@@ -238,75 +186,40 @@ class TorchEngine:
     # --- adapters -----------------------------------------------------------------------
 
     def load_adapter(self, adapter: AdapterBinding) -> int:
-        """Slot of `adapter`, copying it in if needed: into a free slot, else the least
-        recently used idle one's; idle adapters also go while the device byte budget is over."""
-        slot = self.slots.lookup(adapter.key)
-        if slot is not None:
-            self.device_tier.count("hits")
-            return slot
-        started = time.perf_counter()
-        package: AdapterPackage = adapter.package
-        while not self.slots.free or self._over_budget(package.nbytes):
-            victim = self.slots.victim()
-            if victim is None:
-                if not self.slots.free:
-                    raise NoFreeSlot(adapter.key)
-                break  # over the byte budget with every resident adapter in use: load anyway
-            self.evict_adapter(victim)
-            self.device_tier.count("evictions")
-        slot = self.slots.take()
-        try:
-            for name, (a, bt) in stage_adapter(package.modules, self.base.dtype, self.device).items():
-                self.layers[name].load_slot(slot, a, bt)
-            if package.head is not None:
-                weight = package.head.weight.to(self.device, torch.float32)
-                bias = package.head.bias.to(self.device, torch.float32) if package.head.bias is not None else None
-                self.heads[adapter.key] = (weight, bias, package.manifest.labels or ())
-        except BaseException:
-            # Out of memory halfway through the copy: the slot goes back empty, not lost.
-            for layer in self.layers.values():
-                layer.clear_slot(slot)
-            self.slots.release(slot)
-            raise
-        self.slots.by_key[adapter.key] = slot
-        self.slots.nbytes[adapter.key] = package.nbytes
+        return self.slots.load(adapter)
+
+    def _copy_in(self, slot: int, package: AdapterPackage) -> None:
+        for name, (a, bt) in stage_adapter(package.modules, self.pool_dtype, self.device).items():
+            self.layers[name].load_slot(slot, a, bt)
+
+    def _clear_slot(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+
+    def _slots_changed(self) -> None:
         self._decode_plan = None  # pool contents changed: cached operands may be stale
         self._lora_bytes = None
         self._update_stats()
-        self.device_tier.loaded(time.perf_counter() - started)
-        logger.debug("adapter %s@%s loaded into slot %d", adapter.name, adapter.version, slot)
-        return slot
 
-    def _over_budget(self, incoming: int) -> bool:
-        budget = self.device_budget_bytes
-        return budget is not None and bool(self.slots.by_key) and sum(self.slots.nbytes.values()) + incoming > budget
+    @property
+    def device_budget_bytes(self) -> int | None:
+        return self.slots.budget_bytes
+
+    @device_budget_bytes.setter
+    def device_budget_bytes(self, value: int | None) -> None:
+        self.slots.budget_bytes = value
 
     def take_device_tier_activity(self) -> DeviceTierActivity:
-        return self.device_tier.take()
+        return self.slots.activity.take()
 
     def evict_adapter(self, key: str) -> None:
-        slot = self.slots.by_key.get(key)
-        if slot is None or self.slots.users[key]:
-            return
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
-        del self.slots.by_key[key]
-        self.slots.nbytes.pop(key, None)
-        self.heads.pop(key, None)
-        self.slots.release(slot)
-        self._decode_plan = None
-        self._lora_bytes = None
-        self._update_stats()
+        self.slots.evict(key)
 
     def hold_adapter(self, key: str, held: bool) -> bool:
-        """Pin a resident adapter: it counts as one more user, so LRU and evict pass it by."""
-        if key not in self.slots.by_key:
-            return False
-        self.slots.users[key] += 1 if held else -1
-        return True
+        return self.slots.hold(key, held)
 
     def resident_adapters(self) -> dict[str, bool]:
-        return {key: self.slots.users[key] > 0 for key in self.slots.by_key}
+        return self.slots.resident()
 
     # --- generation ---------------------------------------------------------------------
 
@@ -427,7 +340,7 @@ class TorchEngine:
             if request.adapter is not None:
                 slot = self.slots.lookup(request.adapter.key)
                 if slot is not None:
-                    self.device_tier.count("hits")
+                    self.slots.activity.count("hits")
                 else:
                     if slot_wait:
                         remaining.append(request)
@@ -527,7 +440,7 @@ class TorchEngine:
         sent = buffer.send(self.device)
         input_ids, position_ids, keep, row_starts, last, wanted = (sent[h] for h in handles)
         blocks = [tuple(None if h is None else sent[h] for h in pair) for pair in block_handles]
-        self.kv.begin_step(row_starts, self.base.dtype, blocks)
+        self.kv.begin_step(row_starts, blocks)
         self.context.plan = self._lora_plan(admitted, layout)
         try:
             logits = self.model(
@@ -536,7 +449,7 @@ class TorchEngine:
                 attention_mask=self._passthrough_mask,
                 use_cache=False,
                 logits_to_keep=keep,
-            ).logits[0]  # [kept, vocab]
+            ).logits[0].float()  # [kept, vocab]: sampling and logprobs in float32 whatever the base computes in
         except BaseException:
             self.kv.abandon_step()
             for row in admitted:  # the caller fails every request of this step
@@ -670,7 +583,7 @@ class TorchEngine:
         pooled = pooled.float()  # [batch, hidden]
         results = []
         for row, item in enumerate(items):
-            weight, bias, labels = self.heads[item.adapter.key]
+            weight, bias, labels = self.slots.heads[item.adapter.key]
             logits = pooled[row] @ weight.T + (bias if bias is not None else 0)  # [num_labels]
             probs = logits.softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)

@@ -29,9 +29,7 @@ Generation is not served: `add` raises, and the API answers a vision base's gene
 
 from __future__ import annotations
 
-import collections
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,7 +55,7 @@ from server.contract import (
     TokenEvent,
 )
 from server.engine.base import BaseModelError, pick_device, pick_dtype
-from server.engine.engine import DeviceTierCounter
+from server.engine.slots import AdapterSlots, NoFreeSlot
 from server.errors import AdapterLoadFailed
 
 logger = logging.getLogger(__name__)
@@ -265,27 +263,6 @@ def inject_vision_lora(backbone: nn.Module, slots: int, holder: PlanHolder) -> d
     return wrapped
 
 
-class _SlotTable:
-    """Adapter content key -> slot, LRU among slots nobody holds (pins, and the rows of the
-    batch being classified, count as holders)."""
-
-    def __init__(self, slots: int):
-        self.count = slots
-        self.free = list(range(slots, 0, -1))  # slot 0 is the base
-        self.by_key: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self.nbytes: dict[str, int] = {}
-        self.holds: collections.Counter[str] = collections.Counter()
-
-    def lookup(self, key: str) -> int | None:
-        slot = self.by_key.get(key)
-        if slot is not None:
-            self.by_key.move_to_end(key)
-        return slot
-
-    def victim(self) -> str | None:
-        return next((k for k in self.by_key if self.holds[k] == 0), None)
-
-
 class VisionEngine:
     """The Engine contract over an image classifier: classify only (see the module docstring)."""
 
@@ -298,10 +275,8 @@ class VisionEngine:
         self.max_batch_size = max_batch_size
         self.holder = PlanHolder()
         self.layers = inject_vision_lora(base.backbone, max_device_adapters, self.holder)
-        self.slots = _SlotTable(max_device_adapters)
-        self.device_budget_bytes = device_budget_bytes  # adapter bytes in slots (None: only the slot count)
-        self.device_tier = DeviceTierCounter()
-        self.heads: dict[str, tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]] = {}
+        self.slots = AdapterSlots(max_device_adapters, self.device, device_budget_bytes, self._copy_in,
+                                  self._clear_slot)
         self.info = EngineInfo(
             base_id=base.signature.canonical_id, kind="vision", max_context=0, device=str(base.device),
             dtype=str(base.dtype).removeprefix("torch."), quantization="none",
@@ -335,70 +310,41 @@ class VisionEngine:
     # --- adapters -------------------------------------------------------------------------
 
     def load_adapter(self, adapter: AdapterBinding) -> int:
-        """Slot of `adapter`, copying it in if needed: into a free slot, else the least recently
-        used unheld one's; unheld adapters also go while the device byte budget is over."""
-        slot = self.slots.lookup(adapter.key)
-        if slot is not None:
-            self.device_tier.count("hits")
-            return slot
-        started = time.perf_counter()
-        package: AdapterPackage = adapter.package
-        while not self.slots.free or self._over_budget(package.nbytes):
-            victim = self.slots.victim()
-            if victim is None:
-                if not self.slots.free:
-                    raise AdapterLoadFailed(f"all {self.slots.count} adapter slots are held (pinned, or in this "
-                                            f"batch); {adapter.name}@{adapter.version} cannot be loaded",
-                                            param="adapter", headers={"Retry-After": "5"})
-                break  # over the byte budget with every resident adapter held: load anyway
-            self.evict_adapter(victim)
-            self.device_tier.count("evictions")
-        slot = self.slots.free.pop()
         try:
-            for name, weights in package.modules.items():
-                self.layers[name].load_slot(slot, weights, self.base.dtype, self.device)
-            if package.head is not None:
-                weight = package.head.weight.to(self.device, torch.float32)
-                bias = package.head.bias.to(self.device, torch.float32) if package.head.bias is not None else None
-                self.heads[adapter.key] = (weight, bias, package.manifest.labels or ())
-        except BaseException:
-            # Out of memory halfway through the copy: the slot goes back empty, not lost.
-            for layer in self.layers.values():
-                layer.clear_slot(slot)
-            self.slots.free.append(slot)
-            raise
-        self.slots.by_key[adapter.key] = slot
-        self.slots.nbytes[adapter.key] = package.nbytes
-        self.device_tier.loaded(time.perf_counter() - started)
-        return slot
+            return self.slots.load(adapter)
+        except NoFreeSlot as exc:
+            # Classification has no queue to wait in: the caller retries.
+            raise AdapterLoadFailed(f"all {self.slots.count} adapter slots are held (pinned, or in this batch); "
+                                    f"{adapter.name}@{adapter.version} cannot be loaded", param="adapter",
+                                    headers={"Retry-After": "5"}) from exc
 
-    def _over_budget(self, incoming: int) -> bool:
-        budget = self.device_budget_bytes
-        return budget is not None and bool(self.slots.by_key) and sum(self.slots.nbytes.values()) + incoming > budget
+    def _copy_in(self, slot: int, package: AdapterPackage) -> None:
+        for name, weights in package.modules.items():
+            self.layers[name].load_slot(slot, weights, self.base.dtype, self.device)
 
-    def take_device_tier_activity(self) -> DeviceTierActivity:
-        return self.device_tier.take()
-
-    def evict_adapter(self, key: str) -> None:
-        slot = self.slots.by_key.get(key)
-        if slot is None or self.slots.holds[key]:
-            return
+    def _clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
-        del self.slots.by_key[key]
-        del self.slots.nbytes[key]
-        self.heads.pop(key, None)
-        self.slots.free.append(slot)
+
+    @property
+    def device_budget_bytes(self) -> int | None:
+        return self.slots.budget_bytes
+
+    @device_budget_bytes.setter
+    def device_budget_bytes(self, value: int | None) -> None:
+        self.slots.budget_bytes = value
+
+    def take_device_tier_activity(self) -> DeviceTierActivity:
+        return self.slots.activity.take()
+
+    def evict_adapter(self, key: str) -> None:
+        self.slots.evict(key)
 
     def hold_adapter(self, key: str, held: bool) -> bool:
-        if key not in self.slots.by_key:
-            return False
-        self.slots.holds[key] += 1 if held else -1
-        return True
+        return self.slots.hold(key, held)
 
     def resident_adapters(self) -> dict[str, bool]:
-        # Classification finishes inside one engine call: between calls no row uses a slot.
-        return {key: False for key in self.slots.by_key}
+        return self.slots.resident()  # between classify calls only pins hold a slot
 
     def stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "kv_tokens": 0, "kv_capacity_tokens": 0, "running_adapters": [],
@@ -441,7 +387,7 @@ class VisionEngine:
         # loading one row's adapter never evicts another row's.
         held = list(dict.fromkeys(item.adapter.key for item in items if item.adapter is not None))
         for key in held:
-            self.slots.holds[key] += 1
+            self.slots.users[key] += 1
         try:
             slots = [self.load_adapter(item.adapter) if item.adapter is not None else 0 for item in items]
             pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # [rows, 3, H, W]
@@ -453,11 +399,11 @@ class VisionEngine:
                 self.holder.plan = None
         finally:
             for key in held:
-                self.slots.holds[key] -= 1
+                self.slots.users[key] -= 1
         results = []
         for row, item in enumerate(items):
             if item.adapter is not None:
-                weight, bias, labels = self.heads[item.adapter.key]
+                weight, bias, labels = self.slots.heads[item.adapter.key]
             elif self.base.base_head is not None:
                 (weight, bias), labels = self.base.base_head, self.base.base_labels
             else:
