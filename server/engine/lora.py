@@ -322,10 +322,16 @@ class SlotLoRALinear(nn.Module):
         forward's own fresh tensor; inference only, no autograd)."""
         if plan.segments is not None and self._kernel_applies(units, out_units):
             segments = plan.segments
+            rows, out_rows = units.view(-1, self.in_features), out_units.view(-1, self.out_features)
+            # The kernel works in float32 (its pools are float32): a bf16 base's activations
+            # are widened for it and its delta is added back in bf16.
+            delta = out_rows if out_rows.dtype == torch.float32 else torch.zeros(out_rows.shape, dtype=torch.float32)
             self.context.cpu_kernel(
-                units.view(-1, self.in_features).numpy(), out_units.view(-1, self.out_features).numpy(),
+                rows.float().numpy(), delta.numpy(),
                 self._pool_a_array, self._pool_bt_array, self.ranks, segments.slots, segments.starts, segments.units,
                 threads=self.context.threads.heavy_threads)
+            if delta is not out_rows:
+                out_rows.add_(delta)
             return
         if plan.band is not None:
             self._add_band(plan.band, units, out_units)
@@ -343,10 +349,10 @@ class SlotLoRALinear(nn.Module):
                 target += (hidden @ self.lora_bt[span.slot, :rank]).to(target.dtype)
 
     def _kernel_applies(self, units: torch.Tensor, out_units: torch.Tensor) -> bool:
-        """The CPU kernel takes float32 throughout and contiguous rows (a quantized base may
-        compute in another dtype; CUDA pools have no numpy view)."""
+        """The CPU kernel reads float32 pools (CUDA pools have no numpy view) and contiguous
+        rows of float32 or bfloat16 activations."""
         return (self.context.cpu_kernel is not None and self._pool_a_array is not None
-                and units.dtype == out_units.dtype == torch.float32
+                and units.dtype in (torch.float32, torch.bfloat16) and out_units.dtype in (torch.float32, torch.bfloat16)
                 and units.is_contiguous() and out_units.is_contiguous())
 
     def _add_band(self, band: LoRABand, units: torch.Tensor, out_units: torch.Tensor) -> None:

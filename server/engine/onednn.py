@@ -1,4 +1,4 @@
-"""Linear layers with their weights pre-packed for oneDNN, the CPU fast path for float32.
+"""Linear layers with their weights pre-packed for oneDNN, the CPU fast path (float32, bfloat16).
 
 It is the kernel torch.compile's CPU backend (inductor) uses for frozen float32 linears,
 called directly. Measured on the 2-core CPUs this project runs on, against ATen's default
@@ -36,11 +36,27 @@ class OneDNNLinear(nn.Module):
 
 
 def can_pack(device: torch.device, dtype: torch.dtype, quantization: str) -> bool:
+    """float32, and bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), for
+    which oneDNN's packed kernels are what make bf16 faster than float32 at all."""
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
+        return False
     return (
-        device.type == "cpu" and dtype == torch.float32 and quantization == "none"
+        device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and quantization == "none"
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
+
+
+def cpu_has_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_features() -> str:
+    """What the CPU offers the kernels that matter here (logged at start)."""
+    names = {"AVX512-BF16": torch.cpu._is_avx512_bf16_supported, "AMX": torch.cpu._is_amx_tile_supported,
+             "VNNI": torch.cpu._is_vnni_supported}
+    found = [name for name, supported in names.items() if supported()]
+    return f"{torch.backends.cpu.get_cpu_capability()}" + (f" + {', '.join(found)}" if found else "")
 
 
 @torch.no_grad()

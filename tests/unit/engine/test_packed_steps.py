@@ -122,7 +122,7 @@ def test_slab_layout_keeps_rows_right_aligned(engine):
     layout = cache.plan_step(2, [6])
     assert layout.column == 5 and cache.columns >= 6
     assert layout.row_starts == (2, 3) and layout.start == 2  # the running rows, shifted by 2
-    cache.begin_step(torch.tensor(layout.row_starts), torch.float32)
+    cache.begin_step(torch.tensor(layout.row_starts))
     visible = (layout.decode_mask[:, 0, 0] == 0).tolist()  # columns 2..5 for each decode row
     assert visible == [[True] * 4, [False] + [True] * 3]
     cache.finish_step(1)
