@@ -425,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps busy, 1 can be steadier: an op on 2+ threads waits for the slowest "
                         "thread to be scheduled")
     parser.add_argument("--base-model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="auto", help="adaptserve's --dtype (the naive server stays float32)")
+    parser.add_argument("--quantize", default="auto", help="adaptserve's --quantize")
+    parser.add_argument("--prefix-cache-bytes", type=int, default=None,
+                        help="adaptserve's --prefix-cache-bytes (default: the server's); (e) turns it off on its "
+                        "second server whatever this says")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/<time>.json)")
     return parser
@@ -480,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             many = make_many_adapters(many_store, options.store_adapters, options.base_model)
         plan = plan_scenarios(options, Adapters(names, chat, names[: options.adapters], many))
 
+        cache = [] if options.prefix_cache_bytes is None else ["--prefix-cache-bytes", str(options.prefix_cache_bytes)]
+
         def adaptserve(key: str, adapters_dir: Path, *extra: str) -> None:
             port = free_port()
             log(f"starting {SERVERS[key]}")
@@ -488,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["-m", "server.cli", "serve", "--port", str(port), "--adapters-dir", str(adapters_dir),
                  "--base-model", options.base_model, "--max-batch-size", str(options.concurrency),
                  "--no-install-example-adapters", "--drain-timeout-s", "1", "--threads", str(options.threads),
-                 *extra],
+                 "--dtype", options.dtype, "--quantize", options.quantize, *cache, *extra],
                 port, output.with_suffix(f".{key}.log"), options.ready_timeout,
             ))
 
