@@ -9,7 +9,9 @@ Scenarios (C concurrent closed-loop clients, K distinct adapters):
   (e) shared prefixes: 8 tenants, each with its own ~300-token system prompt and adapter, short
       questions: the prefix cache on against off;
   (f) 500 adapters in the store (r=8 on q/v), picked uniformly or by Zipf(1) popularity,
-      against one adapter, all at default settings.
+      against one adapter, all at default settings;
+  (p) (not in the default set) precisions side by side: float32, bfloat16 and int8 servers,
+      C clients over K adapters and a single stream.
 (a)-(c) and (f) ask for 64 tokens of an essay (the model keeps writing, so every answer is
 64 tokens); (d) and (e) are the shape of real traffic. Servers run as subprocesses on
 127.0.0.1 and take turns under load, so the one measured gets every core. Adapters are random
@@ -232,6 +234,7 @@ class Scenario:
     # Every answer runs to max_new_tokens (the essay prompts): stagger the clients' first
     # requests so rows do not finish in lockstep. Natural-length answers spread by themselves.
     stagger: bool = True
+    concurrency: int | None = None  # None: --concurrency
 
     @property
     def adapter_count(self) -> int:
@@ -244,6 +247,8 @@ SERVERS = {
     "adaptserve": "adaptserve with the scenario's adapters",
     "adaptserve-no-prefix-cache": "adaptserve with --prefix-cache-bytes 0",
     "adaptserve-many": "adaptserve at default settings over a store of many adapters",
+    "adaptserve-bfloat16": "adaptserve with --dtype bfloat16",
+    "adaptserve-int8": "adaptserve with --quantize int8",
 }
 
 
@@ -258,7 +263,7 @@ def measure_round(server: Server, scenario: Scenario, options: argparse.Namespac
                   into: Measured, label: str) -> None:
     measured_s = scenario.measure_s / options.rounds
     spec = LoadSpec(
-        concurrency=options.concurrency,
+        concurrency=scenario.concurrency or options.concurrency,
         mix=scenario.mix,
         max_new_tokens=scenario.max_new_tokens,
         duration_s=scenario.warmup_s + measured_s,
@@ -295,7 +300,7 @@ def result_row(scenario: Scenario, measured: Measured, options: argparse.Namespa
     return {
         "name": scenario.name,
         "server": scenario.server,
-        "concurrency": options.concurrency,
+        "concurrency": scenario.concurrency or options.concurrency,
         "adapters": scenario.adapter_count,
         "max_new_tokens": scenario.max_new_tokens,
         "traffic": "chat" if scenario.mix.questions else "essay",
@@ -330,6 +335,12 @@ def targets_for(runs: list[dict[str, Any]], options: argparse.Namespace) -> list
         Target(f"(f) TTFT p95 {store} uniform / K=1", ratio(run(f"f: {store} uniform").get("ttft_p95_s"),
                                                             run("f: K=1").get("ttft_p95_s")),
                1.5, higher_is_better=False),
+        Target(f"(p) bf16 / float32, K={k}", ratio(tps(f"p: bfloat16 K={k}"), tps(f"p: float32 K={k}")), 1.8),
+        Target("(p) bf16 / float32, single stream", ratio(tps("p: bfloat16 single stream"),
+                                                            tps("p: float32 single stream")), 1.6),
+        Target(f"(p) int8 / float32, K={k}", ratio(tps(f"p: int8 K={k}"), tps(f"p: float32 K={k}")), 1.0),
+        Target("(p) int8 / float32, single stream", ratio(tps("p: int8 single stream"),
+                                                            tps("p: float32 single stream")), 1.0),
     ]
 
 
@@ -379,6 +390,12 @@ def plan_scenarios(options: argparse.Namespace, adapters: Adapters) -> list[Scen
         natural = dict(max_new_tokens=options.chat_max_new_tokens, stagger=False)
         plan.append(ours("e: prefix cache on", tenants, **natural))
         plan.append(ours("e: prefix cache off", tenants, "adaptserve-no-prefix-cache", **natural))
+    if "p" in wanted:
+        # Precisions side by side: C clients over K adapters, and one client alone.
+        for server, label in (("adaptserve", options.dtype if options.dtype != "auto" else "float32"),
+                              ("adaptserve-bfloat16", "bfloat16"), ("adaptserve-int8", "int8")):
+            plan.append(ours(f"p: {label} K={options.adapters}", essay(k_names), server))
+            plan.append(ours(f"p: {label} single stream", essay(k_names[:1]), server, concurrency=1, stagger=False))
     if "f" in wanted:
         many = tuple(adapters.many)
         plan.append(ours("f: K=1", essay(many[:1]), "adaptserve-many"))
@@ -396,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="one short round: about 12 minutes in all")
-    parser.add_argument("--scenarios", default="a,b,c,d,e,f", help="which of a..f to run (comma-separated)")
+    parser.add_argument("--scenarios", default="a,b,c,d,e,f", help="which of a..f and p (precisions: float32, "
+                        "bfloat16, int8 side by side) to run, comma-separated")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients (C)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters in (a) and (b) (K)")
     parser.add_argument("--many-adapters", type=int, default=32, help="K of the large side of (c)")
@@ -523,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
             adaptserve("adaptserve-no-prefix-cache", store, "--prefix-cache-bytes", "0")
         if "adaptserve-many" in needed:
             adaptserve("adaptserve-many", many_store)
+        if "adaptserve-bfloat16" in needed:
+            adaptserve("adaptserve-bfloat16", store, "--dtype", "bfloat16")
+        if "adaptserve-int8" in needed:
+            adaptserve("adaptserve-int8", store, "--quantize", "int8")
 
         measured = {s.name: Measured([], []) for s in plan}
         for round_index in range(options.rounds):

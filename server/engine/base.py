@@ -101,8 +101,13 @@ def load_base(
 
     config = AutoConfig.from_pretrained(resolved.path)
     decoder = _is_decoder(config)
+    # bitsandbytes quantizes on CUDA; on the CPU int8 is adaptserve's own weight-only
+    # layers over a float32 model (bitsandbytes' CPU fallbacks are pure torch and slow).
+    own_int8 = quantization == "int8" and torch_device.type == "cpu"
+    if own_int8:
+        torch_dtype = torch.float32
     kwargs: dict = {"dtype": torch_dtype}
-    if quantization != "none":
+    if quantization != "none" and not own_int8:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "nf4",
             load_in_8bit=quantization == "int8",
@@ -118,6 +123,11 @@ def load_base(
     model = model_class.from_pretrained(resolved.path, **kwargs)
     if quantization == "none":
         model.to(torch_device)
+    if own_int8:
+        from server.engine import cpu_int8  # numba: imported only where its kernel runs
+
+        cpu_int8.warm_up()
+        cpu_int8.quantize_model(model)
     model.eval()
     model.requires_grad_(False)
 

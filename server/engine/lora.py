@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from adapters.package import LoraModule
+from server.engine.cpu_int8 import Int8Linear
 from server.engine.cpu_threads import ThreadPolicy
 from server.engine.onednn import OneDNNLinear
 from server.engine.staging import send_longs
@@ -404,11 +405,11 @@ def stage_adapter(modules: dict[str, LoraModule], dtype: torch.dtype, device: to
     return staged
 
 
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear, OneDNNLinear)
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, OneDNNLinear, Int8Linear)
 try:  # bitsandbytes layers subclass nn.Linear already; listed for clarity when present
     import bitsandbytes as bnb
 
-    LINEAR_TYPES = (nn.Linear, OneDNNLinear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    LINEAR_TYPES = (nn.Linear, OneDNNLinear, Int8Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 except Exception:  # pragma: no cover - bitsandbytes missing or without a backend
     pass
 
