@@ -127,10 +127,12 @@ class Settings(BaseSettings):
     # --- the base model -------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU (token-exact with PEFT; bfloat16 on a CPU "
+        "with AVX512-BF16/AMX is faster but not exact: README, Precision on CPU)."
     )
     quantize: Literal["auto", "none", "int8", "nf4"] = Field(
-        "auto", description="bitsandbytes quantization of the base; auto = nf4 on CUDA, none on CPU."
+        "auto", description="Quantization of the base; auto = nf4 on CUDA, none on CPU. CUDA: bitsandbytes. "
+        "CPU: int8 is adaptserve's weight-only int8 (a quarter of the memory), nf4 bitsandbytes' slow fallback."
     )
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores.")
 

@@ -142,6 +142,26 @@ class TorchEngine:
             vocab_size=len(self.tokenizer),
         )
         self._update_stats()
+        logger.info("engine kernels: %s", self.kernels())
+
+    def kernels(self) -> str:
+        """Which kernel serves each part here (logged at start)."""
+        from server.engine.cpu_int8 import Int8Linear
+        from server.engine.onednn import OneDNNLinear, cpu_features
+
+        linears = {type(m) for m in self.model.modules()}
+        if OneDNNLinear in linears:
+            linear = f"oneDNN packed {self.info.dtype}"
+        elif Int8Linear in linears:
+            linear = "weight-only int8 (numba tiles; float32 GEMM for prompts)"
+        elif self.base.quantization != "none":
+            linear = f"bitsandbytes {self.base.quantization}, compute {self.info.dtype}"
+        else:
+            linear = f"torch {self.info.dtype}"
+        lora = "numba loop over float32 pools" if self.context.cpu_kernel is not None else f"torch ops ({self.pool_dtype})"
+        where = cpu_features() if self.device.type == "cpu" else str(self.device)
+        attention = str(self.kv.dtype or self.base.dtype).removeprefix("torch.")
+        return f"{where}; linears: {linear}; LoRA: {lora}; attention: {attention} over the slab"
 
     @staticmethod
     def _cpu_kernel(base: LoadedBase):
