@@ -11,9 +11,10 @@ alias and pins live in the store, so every replica sharing it converges on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import APIRouter, Request, Response
 from python_multipart.exceptions import MultipartParseError
@@ -135,18 +136,19 @@ def _boundary(request: Request) -> bytes:
     return boundary
 
 
-@router.post("/v1/adapters", status_code=201)
-async def upload_adapter(request: Request, response: Response, services: ReadyServicesDep) -> dict:
-    registry, cap = services.registry, services.settings.max_upload_bytes
-    uploads = services.metrics.adapter_uploads
-    boundary = _boundary(request)
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > cap:
-        uploads.labels("too_large").inc()
-        raise PayloadTooLarge(f"upload larger than {cap} bytes")
+class PublishOutcome:
+    """Set `created` once published; `counted_publish` turns the outcome into the upload metric."""
+
+    created: bool | None = None
+
+
+@contextlib.contextmanager
+def counted_publish(uploads) -> Iterator[PublishOutcome]:
+    """Around staging + publishing a candidate: counts created/unchanged/rejected/too_large/error
+    in `adaptserve_adapter_uploads`, and turns a full disk into 507 (nothing was published)."""
+    outcome = PublishOutcome()
     try:
-        with registry.store.staging() as staging:
-            version, created = await _receive_and_publish(request, registry, staging, boundary, cap)
+        yield outcome
     except PayloadTooLarge:
         uploads.labels("too_large").inc()
         raise
@@ -156,14 +158,26 @@ async def upload_adapter(request: Request, response: Response, services: ReadySe
     except OSError as exc:
         uploads.labels("error").inc()
         if exc.errno in STORAGE_ERRNOS:
-            # The staging dir is gone by now (the `with` above); nothing was published.
             raise InsufficientStorage(f"the adapter store is out of space: {exc.strerror}") from exc
         raise
     except Exception:
         uploads.labels("error").inc()
         raise
-    uploads.labels("created" if created else "unchanged").inc()
-    if not created:
+    uploads.labels("created" if outcome.created else "unchanged").inc()
+
+
+@router.post("/v1/adapters", status_code=201)
+async def upload_adapter(request: Request, response: Response, services: ReadyServicesDep) -> dict:
+    registry, cap = services.registry, services.settings.max_upload_bytes
+    uploads = services.metrics.adapter_uploads
+    boundary = _boundary(request)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        uploads.labels("too_large").inc()
+        raise PayloadTooLarge(f"upload larger than {cap} bytes")
+    with counted_publish(uploads) as outcome, registry.store.staging() as staging:
+        version, outcome.created = await _receive_and_publish(request, registry, staging, boundary, cap)
+    if not outcome.created:
         response.status_code = 200
     return {**_version_out(registry, version), "current": True}
 

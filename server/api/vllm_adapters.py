@@ -29,7 +29,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.validate import PICKLE_SUFFIXES
-from server.api.adapters import STORAGE_ERRNOS, UPLOAD_FILES
+from server.api.adapters import UPLOAD_FILES, counted_publish
 from server.api.deps import AdminDep, ReadyServicesDep
 from server.api.openai import OpenAIRoute
 from server.api.schemas import ErrorResponse
@@ -37,7 +37,6 @@ from server.config import Settings
 from server.errors import (
     AdapterPathNotFound,
     AdapterRejected,
-    InsufficientStorage,
     InvalidRequest,
     PathNotAllowed,
 )
@@ -78,26 +77,16 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, services: ReadyService
     source = _resolve_inside(body.lora_path, roots)
     if not _exists(source):
         raise AdapterPathNotFound(f"lora_path {body.lora_path!r} does not exist", param="lora_path")
-    try:
-        with registry.store.staging() as staging:
-            problems = await asyncio.to_thread(
-                _copy_adapter_files, source, staging, roots, services.settings.max_upload_bytes
-            )
-            if problems:
-                # Validation still runs, so one answer lists the folder's and the files' problems.
-                problems += await registry.check(body.lora_name, staging)
-                raise AdapterRejected(f"adapter {body.lora_name!r} at {body.lora_path!r} is invalid",
-                                      details=problems)
-            _, created = await registry.publish(body.lora_name, staging)
-    except AdapterRejected:
-        uploads.labels("rejected").inc()
-        raise
-    except OSError as exc:
-        uploads.labels("error").inc()
-        if exc.errno in STORAGE_ERRNOS:
-            raise InsufficientStorage(f"the adapter store is out of space: {exc.strerror}") from exc
-        raise
-    uploads.labels("created" if created else "unchanged").inc()
+    with counted_publish(uploads) as outcome, registry.store.staging() as staging:
+        problems = await asyncio.to_thread(
+            _copy_adapter_files, source, staging, roots, services.settings.max_upload_bytes
+        )
+        if problems:
+            # Validation still runs, so one answer lists the folder's and the files' problems.
+            problems += await registry.check(body.lora_name, staging)
+            raise AdapterRejected(f"adapter {body.lora_name!r} at {body.lora_path!r} is invalid",
+                                  details=problems)
+        _, outcome.created = await registry.publish(body.lora_name, staging)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
