@@ -117,13 +117,20 @@ def evaluate(model, tokenizer, config: TrainConfig, data: PreparedData) -> dict[
     )
 
 
-def run_training(config: TrainConfig) -> TrainingOutcome:
+def start_run(config: TrainConfig) -> Path:
+    """What every training run does first: threads, the output folder, and the resolved
+    config written into it (by rank 0). Returns the folder."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         config.write(output_dir)
+    return output_dir
+
+
+def run_training(config: TrainConfig) -> TrainingOutcome:
+    output_dir = start_run(config)
     base = resolve_base(config.base)
     data = prepare_data(config, has_chat_template=bool(load_tokenizer(base).chat_template))
     logger.info("%d training / %d held-out examples; %s", len(data.train), len(data.held_out), SERVING_SUPPORT[config.method].reason)

@@ -51,7 +51,7 @@ from trainer.training import (
     _save_weights,
     _seed_dir,
     _training_arguments,
-    is_main_process,
+    start_run,
 )
 
 logger = logging.getLogger(__name__)
@@ -300,12 +300,7 @@ def images_sha256(examples: Sequence[ImageExample]) -> str:
 
 
 def run_image_training(config: TrainConfig) -> TrainingOutcome:
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        config.write(output_dir)
+    output_dir = start_run(config)
     base = resolve_base(config.base)
     preprocessing = _vision_preprocessing(base)
     data = prepare_image_data(config)
