@@ -96,6 +96,21 @@ def test_int8_base_takes_a_quarter_of_float32(tiny_llama, tmp_path):
     assert int8 <= 0.35 * full, (int8, full)
 
 
+@pytest.mark.parametrize("dtype, quantize", [("float32", "none"), ("auto", "int8")])
+def test_no_tensor_stays_a_view_of_the_mapped_checkpoint(tiny_llama, tmp_path, dtype, quantize):
+    """A norm weight left pointing into the mmap-ed safetensors file keeps every page of the file
+    resident (for SmolLM2 as much memory as the float32 base): the loader copies such tensors."""
+    base = load_base(str(tiny_llama), tmp_path, "cpu", dtype, quantize)
+    mapped = []
+    for name, tensor in (*base.model.named_parameters(), *base.model.named_buffers()):
+        try:
+            if not tensor.untyped_storage().resizable():
+                mapped.append(name)
+        except NotImplementedError:  # oneDNN's packed weights are opaque and never mapped
+            continue
+    assert not mapped, mapped
+
+
 @pytest.mark.skipif(not cpu_has_bf16(), reason="the CPU computes no bf16 natively")
 @pytest.mark.parametrize("adapter_name", [None, "gen-b"])
 def test_bf16_prompt_logprobs_within_bf16_rounding_of_peft_bf16(tiny_llama, llama_adapters, tmp_path, adapter_name):
