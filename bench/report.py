@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 ABANDONED = "abandoned"  # finish_reason of a request still running when its round ended
 
@@ -100,6 +102,77 @@ def summarize(records: Sequence[RequestRecord], windows: Sequence[tuple[float, f
         "mean_prompt_tokens": rounded(sum(r.prompt_tokens for r in done) / len(done), 1) if done else None,
         "mean_completion_tokens": rounded(mean_completion, 1) if done else None,
     }
+
+
+# --- the server's own counters ----------------------------------------------------------
+
+# One sample of a /metrics scrape: (name, sorted labels) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_samples(text: str) -> Samples:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def add_delta(total: Samples, before: Samples, after: Samples) -> None:
+    """Adds what each counter and histogram series grew by between two scrapes into `total`
+    (gauges are not meaningful as differences; callers read only counters and histograms)."""
+    for key, value in after.items():
+        total[key] = total.get(key, 0.0) + value - before.get(key, 0.0)
+
+
+def histogram_quantile(samples: Samples, name: str, q: float, **labels: str) -> float | None:
+    """Prometheus' histogram_quantile over one series' cumulative buckets: linear inside the
+    bucket holding the q-th observation (from 0 for the first); the largest finite bound if it
+    falls in +Inf; None without observations."""
+    buckets = sorted((float(dict(key)["le"]), count) for (sample, key), count in samples.items()
+                     if sample == f"{name}_bucket" and {k: v for k, v in key if k != "le"} == labels)
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank, lower, below = q * buckets[-1][1], 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower
+
+
+def engine_counters(samples: Samples) -> dict[str, Any]:
+    """What the server counted during a run: loads into each adapter tier (how many, p50/p95 in
+    ms from the histogram's buckets) and the share of prompt tokens the prefix cache served."""
+    def total(name: str, **labels: str) -> float:
+        return sum(v for (sample, key), v in samples.items()
+                   if sample == name and labels.items() <= dict(key).items())
+
+    out: dict[str, Any] = {}
+    for tier, label in (("device", "device"), ("cpu", "host")):
+        loads = int(total("adaptserve_adapter_load_seconds_count", tier=tier))
+        out[f"{label}_loads"] = loads
+        for q in (50, 95):
+            seconds = histogram_quantile(samples, "adaptserve_adapter_load_seconds", q / 100, tier=tier)
+            out[f"{label}_load_p{q}_ms"] = None if seconds is None or not loads else round(seconds * 1000, 2)
+    queries = total("vllm:prefix_cache_queries_total")
+    out["prefix_cache_hit_rate"] = round(total("vllm:prefix_cache_hits_total") / queries, 3) if queries else None
+    return out
+
+
+def format_counters(runs: Sequence[dict[str, Any]]) -> str:
+    """One line per run that has server counters (adaptserve; the naive server has none)."""
+    lines = []
+    for run in runs:
+        c = run.get("server_counters")
+        if not c:
+            continue
+        ms = lambda key: "-" if c.get(key) is None else f"{c[key]:g} ms"  # noqa: E731
+        hit = "-" if c.get("prefix_cache_hit_rate") is None else f"{c['prefix_cache_hit_rate']:.0%}"
+        lines.append(f"  {run['name']}: device loads {c['device_loads']} (p50 {ms('device_load_p50_ms')}, "
+                     f"p95 {ms('device_load_p95_ms')}); host loads {c['host_loads']} (p50 "
+                     f"{ms('host_load_p50_ms')}, p95 {ms('host_load_p95_ms')}); prefix cache served {hit} "
+                     "of prompt tokens")
+    return "\n".join(lines)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +42,19 @@ import httpx
 import psutil
 
 from bench.load import QUESTIONS, LoadSpec, RequestMix, make_prompts, run_load, tenant_system_prompt
-from bench.report import RequestRecord, Target, format_table, ratio, summarize, write_json
+from bench.report import (
+    RequestRecord,
+    Samples,
+    Target,
+    add_delta,
+    engine_counters,
+    format_counters,
+    format_table,
+    parse_samples,
+    ratio,
+    summarize,
+    write_json,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -210,6 +222,12 @@ def settle(server: Server, timeout_s: float = 120.0) -> float | None:
     raise SystemExit(f"{server.name} still has rows {timeout_s:.0f} s after its clients left")
 
 
+def scrape(server: Server) -> Samples | None:
+    """The server's /metrics as samples; None for a server without them (the naive one)."""
+    response = httpx.get(f"{server.url}/metrics", timeout=10)
+    return parse_samples(response.text) if response.status_code == 200 else None
+
+
 async def sample_peak_rss(pid: int, stop: asyncio.Event, every_s: float = 0.5) -> int:
     """Largest RSS of the server process seen while `stop` is unset (bytes)."""
     process, peak = psutil.Process(pid), 0
@@ -257,6 +275,9 @@ class Measured:
     records: list[RequestRecord]
     windows: list[tuple[float, float]]
     peak_rss: int = 0
+    # What the server's counters and histograms grew by over the rounds (its adapter loads,
+    # its prefix-cache hits); empty for a server without /metrics.
+    counters: Samples = field(default_factory=dict)
 
 
 def measure_round(server: Server, scenario: Scenario, options: argparse.Namespace,
@@ -286,11 +307,15 @@ def measure_round(server: Server, scenario: Scenario, options: argparse.Namespac
         stop.set()
         return t0, records, await sampler
 
+    before = scrape(server)
     t_start = time.monotonic()  # within ms of run_load's own t0; only for the progress lines
     t0, records, peak_rss = asyncio.run(go())
     settled = settle(server)
     if settled is not None and settled > 2.0:
         log(f"  rows outlived their clients by {settled:.1f} s")
+    if before is not None:
+        # Includes the warm-up seconds: loads happen mostly then, and they are what is asked.
+        add_delta(into.counters, before, scrape(server) or {})
     into.records.extend(records)
     into.windows.append((t0 + scenario.warmup_s, t0 + spec.duration_s))
     into.peak_rss = max(into.peak_rss, peak_rss)
@@ -306,6 +331,7 @@ def result_row(scenario: Scenario, measured: Measured, options: argparse.Namespa
         "traffic": "chat" if scenario.mix.questions else "essay",
         "rounds": len(measured.windows),
         "peak_rss_mb": round(measured.peak_rss / 2**20, 1),
+        "server_counters": engine_counters(measured.counters) if measured.counters else None,
         **summarize(measured.records, measured.windows),
         # The spread between rounds is the noise floor of every ratio built on this row.
         "round_tokens_per_s": [summarize(measured.records, [w])["tokens_per_s"] for w in measured.windows],
@@ -556,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["load_average_after"] = list(os.getloadavg())
     targets = targets_for(runs, options)
     print(format_table(runs))
+    print(format_counters(runs))
     if options.rounds > 1:
         for run in runs:
             print(f"  {run['name']}: tok/s by round {run['round_tokens_per_s']}")

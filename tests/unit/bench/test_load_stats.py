@@ -7,7 +7,22 @@ import json
 import pytest
 
 from bench.load import make_prompts
-from bench.report import ABANDONED, RequestRecord, Target, format_table, percentile, ratio, summarize, write_json
+from bench.report import (
+    ABANDONED,
+    RequestRecord,
+    Target,
+    add_delta,
+    engine_counters,
+    format_counters,
+    format_table,
+    histogram_quantile,
+    parse_samples,
+    percentile,
+    ratio,
+    summarize,
+    write_json,
+)
+from server.metrics import Metrics
 
 
 def record(start: float, end: float, ttft: float | None = None, tokens: int = 64, streamed: bool = True,
@@ -123,3 +138,43 @@ def test_ttft_is_over_requests_sent_inside_the_window_of_any_length():
     assert summary["ttft_p50_s"] == pytest.approx(1.0)
     assert summary["ttft_p95_s"] == pytest.approx(1.45)
     assert summary["completed"] == 0 and summary["latency_p50_s"] is None
+
+
+def scrape_of(metrics: Metrics) -> dict:
+    from prometheus_client import generate_latest
+
+    return parse_samples(generate_latest(metrics.registry).decode())
+
+
+def test_server_counters_are_what_grew_between_two_scrapes_of_the_real_metrics():
+    """The bench reads the server's own histogram of adapter loads between two scrapes: loads
+    before the first scrape are not counted, and p50/p95 land where the observations are."""
+    metrics = Metrics()
+    metrics.adapter_load_seconds.labels("device").observe(5.0)  # before the run: not counted
+    metrics.prefix_cache_queries.labels("base").inc(1000)
+    before = scrape_of(metrics)
+    for seconds in [0.0008] * 90 + [0.004] * 10:  # 90 loads under a millisecond, 10 of 4 ms
+        metrics.adapter_load_seconds.labels("device").observe(seconds)
+    metrics.adapter_load_seconds.labels("cpu").observe(0.03)
+    metrics.prefix_cache_queries.labels("base").inc(400)
+    metrics.prefix_cache_hits.labels("base").inc(100)
+    grown: dict = {}
+    add_delta(grown, before, scrape_of(metrics))
+
+    counters = engine_counters(grown)
+    assert counters["device_loads"] == 100 and counters["host_loads"] == 1
+    # p50 is inside the (0.5, 1] ms bucket, p95 inside (2.5, 5] ms: never the 5 s load before.
+    assert 0.5 < counters["device_load_p50_ms"] <= 1.0
+    assert 2.5 < counters["device_load_p95_ms"] <= 5.0
+    assert 25 < counters["host_load_p50_ms"] <= 50
+    assert counters["prefix_cache_hit_rate"] == 0.25
+    assert "device loads 100" in format_counters([{"name": "f: K=1", "server_counters": counters}])
+
+
+def test_histogram_quantile_interpolates_inside_a_bucket_like_prometheus():
+    samples = {("h_bucket", (("le", "1.0"),)): 0.0, ("h_bucket", (("le", "2.0"),)): 10.0,
+               ("h_bucket", (("le", "+Inf"),)): 10.0}
+    assert histogram_quantile(samples, "h", 0.5) == 1.5
+    assert histogram_quantile({k: 0.0 for k in samples}, "h", 0.5) is None
+    beyond = {**samples, ("h_bucket", (("le", "+Inf"),)): 20.0}
+    assert histogram_quantile(beyond, "h", 0.9) == 2.0  # in +Inf: the largest finite bound
