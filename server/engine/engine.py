@@ -26,7 +26,6 @@ from server.contract import (
     AdapterBinding,
     ClassifyItem,
     ClassifyResult,
-    DeviceTierActivity,
     EngineInfo,
     FinishReason,
     GenerationRequest,
@@ -39,7 +38,7 @@ from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, StepLayout, attach, 
 from server.engine.logprobs import token_logprobs
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora, stage_adapter
 from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixMatch
-from server.engine.slots import AdapterSlots, NoFreeSlot
+from server.engine.slots import AdapterSlots, NoFreeSlot, SlotTableEngine
 from server.engine.sampling import Detokenizer, SampledRows, UniformStream, choose_tokens, finish_reason_for
 from server.engine.staging import StepBuffer
 
@@ -84,7 +83,7 @@ class _Row:
         return self.generated[-1]
 
 
-class TorchEngine:
+class TorchEngine(SlotTableEngine):
     def __init__(self, base: LoadedBase, max_batch_size: int, max_prefill_tokens: int, max_device_adapters: int,
                  prefix_cache_bytes: int = 0, device_budget_bytes: int | None = None):
         self.base = base
@@ -220,26 +219,6 @@ class TorchEngine:
         self._decode_plan = None  # pool contents changed: cached operands may be stale
         self._lora_bytes = None
         self._update_stats()
-
-    @property
-    def device_budget_bytes(self) -> int | None:
-        return self.slots.budget_bytes
-
-    @device_budget_bytes.setter
-    def device_budget_bytes(self, value: int | None) -> None:
-        self.slots.budget_bytes = value
-
-    def take_device_tier_activity(self) -> DeviceTierActivity:
-        return self.slots.activity.take()
-
-    def evict_adapter(self, key: str) -> None:
-        self.slots.evict(key)
-
-    def hold_adapter(self, key: str, held: bool) -> bool:
-        return self.slots.hold(key, held)
-
-    def resident_adapters(self) -> dict[str, bool]:
-        return self.slots.resident()
 
     # --- generation ---------------------------------------------------------------------
 

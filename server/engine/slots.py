@@ -6,7 +6,7 @@ and never holds an adapter. An adapter is held while a running row, a classify b
 pin uses it; only unheld ones are evicted, least recently used first, when a slot is needed
 or the device byte budget is over. The lowest free slot is taken first, so pools that grow
 to the highest slot in use stay small. Everything runs on the engine thread except
-`take_activity`, which the metrics read from the event loop.
+`activity.take()`, which the metrics read from the event loop.
 """
 
 from __future__ import annotations
@@ -140,3 +140,30 @@ class AdapterSlots:
     def resident(self) -> dict[str, bool]:
         """key -> in use (a running row, a batch or a pin holds it)."""
         return {key: self.users[key] > 0 for key in self.by_key}
+
+
+class SlotTableEngine:
+    """The Engine contract's device-tier methods, answered by an engine's slot table: what the
+    text and vision engines share beside the table itself (each sets `self.slots`)."""
+
+    slots: AdapterSlots
+
+    @property
+    def device_budget_bytes(self) -> int | None:
+        return self.slots.budget_bytes
+
+    @device_budget_bytes.setter
+    def device_budget_bytes(self, value: int | None) -> None:
+        self.slots.budget_bytes = value
+
+    def take_device_tier_activity(self) -> DeviceTierActivity:
+        return self.slots.activity.take()
+
+    def evict_adapter(self, key: str) -> None:
+        self.slots.evict(key)
+
+    def hold_adapter(self, key: str, held: bool) -> bool:
+        return self.slots.hold(key, held)
+
+    def resident_adapters(self) -> dict[str, bool]:
+        return self.slots.resident()

@@ -48,14 +48,13 @@ from server.contract import (
     AdapterBinding,
     ClassifyItem,
     ClassifyResult,
-    DeviceTierActivity,
     EngineInfo,
     FinishReason,
     GenerationRequest,
     TokenEvent,
 )
 from server.engine.base import BaseModelError, pick_device, pick_dtype
-from server.engine.slots import AdapterSlots, NoFreeSlot
+from server.engine.slots import AdapterSlots, NoFreeSlot, SlotTableEngine
 from server.errors import AdapterLoadFailed
 
 logger = logging.getLogger(__name__)
@@ -263,7 +262,7 @@ def inject_vision_lora(backbone: nn.Module, slots: int, holder: PlanHolder) -> d
     return wrapped
 
 
-class VisionEngine:
+class VisionEngine(SlotTableEngine):
     """The Engine contract over an image classifier: classify only (see the module docstring)."""
 
     def __init__(self, base: LoadedVisionBase, max_batch_size: int, max_device_adapters: int,
@@ -325,26 +324,6 @@ class VisionEngine:
     def _clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
-
-    @property
-    def device_budget_bytes(self) -> int | None:
-        return self.slots.budget_bytes
-
-    @device_budget_bytes.setter
-    def device_budget_bytes(self, value: int | None) -> None:
-        self.slots.budget_bytes = value
-
-    def take_device_tier_activity(self) -> DeviceTierActivity:
-        return self.slots.activity.take()
-
-    def evict_adapter(self, key: str) -> None:
-        self.slots.evict(key)
-
-    def hold_adapter(self, key: str, held: bool) -> bool:
-        return self.slots.hold(key, held)
-
-    def resident_adapters(self) -> dict[str, bool]:
-        return self.slots.resident()  # between classify calls only pins hold a slot
 
     def stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "kv_tokens": 0, "kv_capacity_tokens": 0, "running_adapters": [],
