@@ -7,9 +7,11 @@ under CI, where a missing browser is a failure: the console must be tested there
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -68,23 +70,23 @@ def console_server(browser, tiny_llama, llama_adapters, tmp_path_factory):
 def pytest_runtest_makereport(item, call):
     report = yield
     if call.when == "call":
-        item.browser_failed = report.failed  # read by `page` to keep a screenshot of the failure
+        item.browser_failed = report.failed  # read by `guarded_tab` to keep a screenshot of the failure
     return report
 
 
-@pytest.fixture
-def page(browser, console_server, request):
-    """A fresh tab that may reach the server's own origin and nothing else.
+@contextlib.contextmanager
+def guarded_tab(browser, origin: str, request) -> Iterator:
+    """A fresh tab that may reach `origin` and nothing else.
 
     Every request for another origin is aborted and recorded; so is every console error and
-    uncaught exception. The test fails on any of them at teardown.
+    uncaught exception. The test fails on any of them when the tab closes.
     """
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     blocked: list[str] = []
     problems: list[str] = []
 
     def only_this_server(route):
-        if route.request.url.startswith(console_server.url + "/"):
+        if route.request.url.startswith(origin + "/"):
             route.continue_()
         else:
             blocked.append(route.request.url)
@@ -101,6 +103,12 @@ def page(browser, console_server, request):
     assert not blocked, f"the console tried to reach the network: {blocked}"
     # A failed fetch the test provoked on purpose (a 4xx) logs "Failed to load resource".
     assert not [p for p in problems if "Failed to load resource" not in p], problems
+
+
+@pytest.fixture
+def page(browser, console_server, request):
+    with guarded_tab(browser, console_server.url, request) as tab:
+        yield tab
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ for the same multipart request."""
 
 from __future__ import annotations
 
-
 import pytest
 
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import guarded_tab, screenshot
 from tests.browser.helpers import drop_files
 from tests.conftest import start_server, stop_server, tiny_settings
 from tests.unit.vision.conftest import build_vision_base, image_bytes, make_vision_lora
@@ -26,24 +25,9 @@ def vision_console(browser, tmp_path_factory):
 
 
 @pytest.fixture
-def vision_page(browser, vision_console):
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
-    blocked, problems = [], []
-
-    def only_this_server(route):
-        if route.request.url.startswith(vision_console.url + "/"):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
-    context.route("**/*", only_this_server)
-    tab = context.new_page()
-    tab.on("console", lambda message: message.type == "error" and problems.append(message.text))
-    tab.on("pageerror", lambda error: problems.append(str(error)))
-    yield tab
-    context.close()
-    assert not blocked and not [p for p in problems if "Failed to load resource" not in p], (blocked, problems)
+def vision_page(browser, vision_console, request):
+    with guarded_tab(browser, vision_console.url, request) as tab:
+        yield tab
 
 
 def bars(page, model: str) -> dict[str, float]:
