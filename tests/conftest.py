@@ -112,7 +112,12 @@ def make_lora(base_dir: Path, out_dir: Path, *, task: str = "CAUSAL_LM", r: int 
         r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets) if not isinstance(targets, str) else targets,
         init_lora_weights=False, task_type=task, use_rslora=use_rslora, **lora_options,
     )
-    peft_model = get_peft_model(model, config)
+    return save_peft_adapter(get_peft_model(model, config), out_dir, weight_scale, labels)
+
+
+def save_peft_adapter(peft_model, out_dir: Path, weight_scale: float = 1.0, labels: list[str] | None = None) -> Path:
+    """Saves a PEFT model's adapter as PEFT does, its LoRA weights scaled by `weight_scale` first
+    (small weights keep a random adapter from drowning the base), with `labels` as config.json."""
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from adapters.images import PREPROCESSOR_FILE
+from tests.conftest import save_peft_adapter
 
 # A crop (MobileNetV2-style) and an exact resize (ViT-style): both kinds of processor config.
 CROP_PROCESSOR = {"do_resize": True, "size": {"shortest_edge": 36}, "resample": 2, "do_center_crop": True,
@@ -74,15 +75,7 @@ def make_vision_lora(base_dir: Path, out_dir: Path, arch: str, *, num_labels: in
     model = base_with_head(base_dir, num_labels)
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS[arch], init_lora_weights=False,
                         modules_to_save=["classifier"])
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(weight_scale)
-    peft_model.save_pretrained(out_dir)
-    if labels:
-        (out_dir / "config.json").write_text(json.dumps({"id2label": dict(enumerate(labels))}))
-    return out_dir
+    return save_peft_adapter(get_peft_model(model, config), out_dir, weight_scale, labels)
 
 
 def base_with_head(base_dir: Path, num_labels: int):
