@@ -51,6 +51,7 @@ from trainer.training import (
     _save_weights,
     _seed_dir,
     _training_arguments,
+    is_main_process,
     start_run,
 )
 

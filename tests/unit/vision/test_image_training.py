@@ -47,6 +47,16 @@ def trained(vision_bases, tmp_path_factory):
     return data, out
 
 
+def test_several_seeds_train_and_the_best_one_is_the_package(vision_bases, tmp_path):
+    data = digit_folder(tmp_path / "images", per_class=8)
+    out = tmp_path / "seeds"
+    code = trainer_main(["train", str(data), "--task", "image-classify", "--base", str(vision_bases["mobilenet_v2"]),
+                         "-o", str(out), "--epochs", "1", "--batch-size", "16", "--rank", "4", "--seeds", "2",
+                         "--eval-batch-size", "32", "--threads", "1"])
+    assert code == 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "manifest.json").is_file()
+
+
 def test_train_writes_a_served_classifier_with_its_linear_probe_baseline(trained, vision_bases):
     _, out = trained
     manifest = json.loads((out / "manifest.json").read_text())
