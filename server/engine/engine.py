@@ -110,8 +110,11 @@ class TorchEngine(SlotTableEngine):
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
         kv_dtype = torch.float32 if self.device.type == "cpu" else base.dtype  # see SlabKVCache.dtype
         prefix = None
-        if base.signature.kind == "decoder" and prefix_cache_bytes:
-            prefix = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(self.model, kv_dtype) * BLOCK_TOKENS)
+        if base.signature.kind == "decoder":
+            block_bytes = kv_bytes_per_token(self.model, kv_dtype) * BLOCK_TOKENS
+            # A budget below one block holds nothing: the same as 0, off.
+            if prefix_cache_bytes >= block_bytes:
+                prefix = PrefixCache(prefix_cache_bytes, block_bytes)
         self.kv = SlabKVCache(max_batch_size, self.device, self.threads, prefix=prefix, dtype=kv_dtype)
         if base.signature.kind == "decoder":
             reason = unsupported_reason(self.model)
@@ -373,7 +376,7 @@ class TorchEngine(SlotTableEngine):
 
     def _prefix_match(self, request: GenerationRequest) -> PrefixMatch | None:
         prefix = self.kv.prefix
-        if prefix is None or not prefix.enabled:
+        if prefix is None:
             return None
         match = prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids)
         if request.params.prompt_logprobs is not None:

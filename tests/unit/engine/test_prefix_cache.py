@@ -190,3 +190,10 @@ def test_a_failed_step_returns_what_it_reserved():
     assert not cache.blocks and cache.match("adapter-key", prompt).hits == 0
     again = cache.plan(cache.match("adapter-key", prompt))
     assert sorted(again.write) == sorted(plan.write)
+
+
+def test_a_budget_below_one_block_is_off_and_serves(tiny_llama, tmp_path_factory):
+    engine = make_engine(tiny_llama, tmp_path_factory, 1)
+    assert engine.kv.prefix is None
+    tokens = alone(engine, request(engine, "tiny-budget", SYSTEM + QUESTIONS[0]))
+    assert len(tokens) == 8
