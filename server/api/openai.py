@@ -308,7 +308,7 @@ async def _prepare(services: Services, body: CompletionRequest | ChatCompletionR
         return requests
 
 
-async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, TokenEvent, str | None], dict],
+async def _sse(run: _Run, include_usage: bool, chunk: Callable[[int, TokenEvent | None, str | None], dict],
                opening: list[dict]) -> AsyncIterator[str]:
     """OpenAI's stream: `opening` chunks, a chunk per text delta, one per finish, optional usage, [DONE]."""
 
@@ -426,16 +426,15 @@ async def completions(body: CompletionRequest, services: ReadyServicesDep, http_
         echoed = [not body.echo] * len(requests)
 
         def chunk(index: int, event: TokenEvent | None, finish: str | None) -> dict:
-            if event is None:
-                return {"index": index, "text": "", "logprobs": None, "finish_reason": finish}
-            text, entries = event.text, []
-            if not echoed[index]:  # the first chunk of a choice carries its prompt
+            text, entries = (event.text, list(event.logprobs)) if event is not None else ("", [])
+            entries = [(e.token_id, e) for e in entries]
+            if not echoed[index]:  # the first chunk of a choice carries its prompt (a finish chunk too)
                 echoed[index] = True
                 text = echoes[index] + text
-                entries = prompt_entries(requests[index], event.prompt_logprobs)
-            entries += [(e.token_id, e) for e in event.logprobs]
+                if event is not None:
+                    entries = prompt_entries(requests[index], event.prompt_logprobs) + entries
             found = None
-            if body.logprobs is not None:
+            if body.logprobs is not None and event is not None:
                 found = completion_logprobs(entries, strings, offsets[index]).model_dump()
             offsets[index] += len(text)
             return {"index": index, "text": text, "logprobs": found, "finish_reason": finish}

@@ -118,3 +118,14 @@ def test_requests_with_and_without_logprobs_share_batches(client):
     texts = {r.choices[0].message.content for r in replies}
     assert len(texts) == 1  # batching changes nothing about greedy answers
     assert all((r.choices[0].logprobs is not None) == (i % 2 == 0) for i, r in enumerate(replies))
+
+
+def test_a_streamed_echo_arrives_even_when_the_answer_is_empty(client):
+    """A stop string that matches the first generated text leaves the choice one event with no
+    text: the echoed prompt must still be streamed (in its finish chunk)."""
+    first = client.completions.create(model="gen-a", prompt=PROMPT, max_tokens=1, temperature=0).choices[0].text
+    assert first.strip()
+    kwargs = dict(model="gen-a", prompt=PROMPT, max_tokens=6, temperature=0, echo=True, stop=[first])
+    whole = client.completions.create(**kwargs).choices[0]
+    streamed = "".join(c.text for chunk in client.completions.create(**kwargs, stream=True) for c in chunk.choices)
+    assert whole.text == PROMPT and streamed == whole.text
