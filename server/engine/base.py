@@ -21,6 +21,7 @@ from transformers import (
 
 from adapters.bases import resolve_base
 from adapters.signature import BaseSignature
+from server.engine import cpu_int8
 from server.engine.lora import LINEAR_TYPES, linear_features
 from server.engine.onednn import can_pack, pack_linears
 
@@ -145,8 +146,6 @@ def load_base(
     if quantization == "none":
         model.to(torch_device)
     if own_int8:
-        from server.engine import cpu_int8  # numba: imported only where its kernel runs
-
         cpu_int8.warm_up()
         cpu_int8.quantize_model(model)
     model.eval()

@@ -50,6 +50,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight, persistent=False)  # [out, in] int8
         self.register_buffer("scale", scale, persistent=False)  # [out] float32
         self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+        from server.engine.cpu_int8_kernel import matmul  # numba, loaded only where int8 layers exist
+
+        self._matmul = matmul  # resolved once, not on each of a step's ~210 calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float().contiguous()  # [tokens, in]
@@ -59,9 +62,7 @@ class Int8Linear(nn.Module):
             out = torch.nn.functional.linear(rows, self.qweight.float() * self.scale[:, None], self.bias)
             return out.view(*x.shape[:-1], self.out_features)
         out = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
-        from server.engine.cpu_int8_kernel import matmul  # numba, loaded only where int8 runs
-
-        matmul(rows.numpy(), self.qweight.numpy(), self.scale.numpy(), out.numpy(), torch.get_num_threads())
+        self._matmul(rows.numpy(), self.qweight.numpy(), self.scale.numpy(), out.numpy(), torch.get_num_threads())
         if self.bias is not None:
             out += self.bias
         return out.view(*x.shape[:-1], self.out_features)

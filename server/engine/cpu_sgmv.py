@@ -1,4 +1,4 @@
-"""A packed step's LoRA on CPU float32 as one compiled loop per layer (numba).
+"""A packed step's LoRA on CPU as one compiled loop per layer (numba), over float32 pools.
 
 This is Punica's SGMV kernel (segmented gather matrix-vector) written for a CPU: for each
 adapter in the step, read its A and B once, at its own rank, and apply them in place to
@@ -20,9 +20,8 @@ step at 32 adapters: 141 -> 124 ms). At 8 adapters it made no difference, and ea
 parallel call is a wake-up that other work on the machine (the event loop, clients) can
 delay, so fewer adapters stay serial.
 
-Used only where it applies (CPU, float32, one token per unit, contiguous rows); the
-torch band in lora.py covers everything else (CUDA, bf16, quantized bases that compute in
-another dtype, classify batches).
+Used only where it applies (CPU, float32 or bfloat16 activations, contiguous rows); the
+torch band in lora.py covers everything else (CUDA, classify batches).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """TorchEngine: one resident base, a slot pool of LoRA adapters, iteration-level batching.
 
 Requests join the running batch at step boundaries. A step is ONE forward over a packed
-row of tokens: a decode token for every running row, then the whole prompts of the
-requests admitted under the per-step token budget (see server/engine/kv.py for the cache
-and the attention that keeps them apart). Reading the weights once per step whether or
+row of tokens: a decode token for every running row, then the prompts of the requests
+admitted under the per-step token budget, less any prefix the prefix cache already holds
+(see server/engine/kv.py for the cache and the attention that keeps them apart). Reading the weights once per step whether or
 not prompts join is what makes prefill cheap next to decoding on a memory-bound CPU.
 Finished, cancelled or expired rows leave at the next step. Every token carries its row's
 adapter slot; the LoRA layers read the per-forward plan, so one forward serves any mix of
@@ -33,10 +33,12 @@ from server.contract import (
     TokenLogprob,
 )
 from server.engine.base import BaseModelError, LoadedBase
+from server.engine.cpu_int8 import Int8Linear
 from server.engine.cpu_threads import ThreadPolicy, block_list
 from server.engine.kv import PASSTHROUGH_MASK, SlabKVCache, StepLayout, attach, kv_bytes_per_token, unsupported_reason
 from server.engine.logprobs import token_logprobs
 from server.engine.lora import LoRABatchPlan, LoRAContext, inject_slot_lora, stage_adapter
+from server.engine.onednn import OneDNNLinear, cpu_features
 from server.engine.prefix_cache import BLOCK_TOKENS, PrefixCache, PrefixMatch
 from server.engine.slots import AdapterSlots, NoFreeSlot, SlotTableEngine
 from server.engine.sampling import Detokenizer, SampledRows, UniformStream, choose_tokens, finish_reason_for
@@ -50,13 +52,19 @@ SLOT_SIZING_RANK = 16
 MAX_SLOTS = 1024
 
 
+def lora_pool_dtype(base: LoadedBase) -> torch.dtype:
+    """On CPU adapters stay float32 whatever the base computes in (the compiled loop reads
+    float32; an adapter is a few MB): bf16 rounding applies only to the sum it adds."""
+    return torch.float32 if base.device.type == "cpu" else base.dtype
+
+
 def default_slot_count(base: LoadedBase, max_batch_size: int, budget_bytes: int | None = None) -> int:
     """Slots that `budget_bytes` of pool memory holds (default: 2 GiB on CPU, 10 % of the GPU),
     and never fewer than max_batch_size, so a full batch of distinct adapters fits."""
     if budget_bytes is None:
         on_gpu = base.device.type == "cuda"
         budget_bytes = torch.cuda.get_device_properties(base.device).total_memory // 10 if on_gpu else 2 * 1024**3
-    element = torch.empty((), dtype=base.dtype).element_size()
+    element = lora_pool_dtype(base).itemsize
     per_slot = SLOT_SIZING_RANK * element * sum(i + o for i, o in base.signature.linear_shapes.values())
     slots = max(max_batch_size, min(MAX_SLOTS, budget_bytes // max(per_slot, 1)))
     logger.info("%d adapter slots: %.1f GiB of slot memory at %.1f MB per adapter (r=%d on every linear layer), "
@@ -100,9 +108,7 @@ class TorchEngine(SlotTableEngine):
         # A decode batch or a classify batch never has more distinct adapters than rows or slots.
         self.context = LoRAContext(min(max_batch_size, max_device_adapters), self.threads, self.device,
                                    cpu_kernel=self._cpu_kernel(base))
-        # On CPU adapters stay float32 whatever the base computes in (the compiled loop reads
-        # float32; an adapter is a few MB): bf16 rounding applies only to the sum it adds.
-        self.pool_dtype = torch.float32 if self.device.type == "cpu" else base.dtype
+        self.pool_dtype = lora_pool_dtype(base)
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = AdapterSlots(max_device_adapters, self.device, device_budget_bytes, self._copy_in,
                                   self._clear_slot, self._slots_changed)
@@ -148,9 +154,6 @@ class TorchEngine(SlotTableEngine):
 
     def kernels(self) -> str:
         """Which kernel serves each part here (logged at start)."""
-        from server.engine.cpu_int8 import Int8Linear
-        from server.engine.onednn import OneDNNLinear, cpu_features
-
         linears = {type(m) for m in self.model.modules()}
         if OneDNNLinear in linears:
             linear = f"oneDNN packed {self.info.dtype}"

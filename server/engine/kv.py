@@ -1,7 +1,8 @@
 """A preallocated KV cache for packed engine steps, and the attention function that reads it.
 
 Each engine step runs ONE forward over a packed row of tokens: one decode token for every
-running sequence, then the whole prompt of every sequence joining this step. Linear
+running sequence, then the prompt of every sequence joining this step (less the blocks
+read from the prefix cache). Linear
 layers (and their LoRA deltas) see all of them as one [1, tokens, hidden] batch, so a step
 reads the weights once however many prompts join it; only attention needs to know which
 token belongs to which sequence, and that is what this module provides through

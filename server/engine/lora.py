@@ -346,7 +346,7 @@ class SlotLoRALinear(nn.Module):
             target = out_units[rows].view(-1, self.out_features)  # [tokens, out], a view of `out`
             if target.dtype == hidden.dtype:
                 target.addmm_(hidden, self.lora_bt[span.slot, :rank])
-            else:  # a quantized base computes in its own dtype
+            else:  # a base computing in another dtype than the pools (bf16, quantized)
                 target += (hidden @ self.lora_bt[span.slot, :rank]).to(target.dtype)
 
     def _kernel_applies(self, units: torch.Tensor, out_units: torch.Tensor) -> bool:
