@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     max_device_adapters: int | None = Field(
         None, ge=1, le=1024, description="Adapter slots in the device pool (LRU beyond this); None = sized "
         "from device_adapter_memory_bytes, and never fewer than max_batch_size (a full batch of distinct "
-        "adapters fits).",
+        "adapters fits); on a vision base, max_batch_size.",
     )
     device_adapter_memory_bytes: int | None = Field(
         None, ge=0, description="Memory the slot pool may grow to, which sizes the default slot count at "

@@ -177,4 +177,5 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, Any]:
         """Snapshot: running, waiting, kv_tokens, kv_capacity_tokens, running_adapters,
-        waiting_adapters (names), resident_adapter_keys. Safe to call from any thread."""
+        waiting_adapters (names), resident_adapter_keys, memory_bytes (part -> bytes the engine
+        allocated beside the base's weights). Safe to call from any thread."""

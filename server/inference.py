@@ -203,10 +203,10 @@ class InferenceService:
         """`logprobs` / `prompt_logprobs`: alternatives per generated / prompt token (None: none
         asked). max_new_tokens 0 scores the prompt only, so it needs prompt_logprobs."""
         s = self.settings
-        for asked, param in ((logprobs, "logprobs"), (prompt_logprobs, "logprobs")):
+        for asked in (logprobs, prompt_logprobs):  # both are asked for through `logprobs`
             if asked is not None and not 0 <= asked <= s.max_logprobs:
-                raise LimitExceeded(f"{param}={asked}: at most {s.max_logprobs} alternatives per token",
-                                    param=param_prefix + param)
+                raise LimitExceeded(f"logprobs={asked}: at most {s.max_logprobs} alternatives per token",
+                                    param=param_prefix + "logprobs")
         if max_new_tokens == 0 and prompt_logprobs is None:
             raise InvalidParameter("max_new_tokens=0 generates nothing: it needs the prompt's logprobs (echo)",
                                    param=param_prefix + "max_new_tokens")

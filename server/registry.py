@@ -30,7 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from adapters.manifest import AdapterManifest
 from adapters.package import AdapterInvalid, AdapterPackage
@@ -330,12 +330,11 @@ class Registry:
         chosen.package = package
         return package
 
-    async def _ensure_device(self, binding: AdapterBinding) -> bool:
-        """True when this call copied the adapter into a slot (the engine counts its device
+    async def _ensure_device(self, binding: AdapterBinding) -> None:
+        """Copies the adapter into a slot unless it is there (the engine counts its device
         tier's hits, misses and load times itself)."""
-        if self.device is None or binding.key in self.device.resident():
-            return False
-        return await self.device.load(binding)
+        if self.device is not None and binding.key not in self.device.resident():
+            await self.device.load(binding)
 
     # --- budgets and pins -------------------------------------------------------------------
 
@@ -401,8 +400,11 @@ class Registry:
             if await self.device.evict(key):
                 self.metrics.adapter_cache_evictions.labels("device").inc()
 
-    def tier(self, version: AdapterVersion) -> AdapterTier:
-        if self.device is not None and version.key in self.device.resident():
+    def tier(self, version: AdapterVersion, resident: Collection[str] | None = None) -> AdapterTier:
+        """`resident`: the device's adapter keys, when the caller asks for many versions at once."""
+        if resident is None:
+            resident = self.device.resident() if self.device is not None else ()
+        if version.key in resident:
             return AdapterTier.DEVICE
         return AdapterTier.CPU if version.package is not None else AdapterTier.STORED
 
@@ -411,8 +413,9 @@ class Registry:
         counts = {tier: 0 for tier in AdapterTier}
         sizes = {tier: 0 for tier in AdapterTier}
         m.lora_adapter_loaded.clear()
+        resident = set(self.device.resident()) if self.device is not None else set()  # one snapshot, not one per version
         for entry, version in self._versions():
-            tier = self.tier(version)
+            tier = self.tier(version, resident)
             counts[AdapterTier.STORED] += 1
             sizes[AdapterTier.STORED] += version.manifest.size_bytes
             if version.package is not None:

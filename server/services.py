@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from adapters.bases import resolve_base
-from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterManifest
+from adapters.archive import ADAPTER_FILES
+from adapters.manifest import MANIFEST_FILE, AdapterManifest
 from adapters.store import AdapterStore, LocalStore
 from adapters.validate import AdapterLimits
 from server.config import Settings
@@ -185,7 +186,7 @@ async def install_example_adapters(registry: Registry, base_id: str) -> None:
             continue
         with registry.store.staging() as staging:
             # What an upload may carry (config.json: an HF classifier's labels); not the reports.
-            for filename in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "config.json"):
+            for filename in ADAPTER_FILES:
                 if (source / filename).is_file():
                     shutil.copyfile(source / filename, staging / filename)
             version, _ = await registry.publish(source.name, staging)

@@ -172,11 +172,11 @@ async def upload_adapter(request: Request, response: Response, services: ReadySe
     uploads = services.metrics.adapter_uploads
     boundary = _boundary(request)
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > cap:
-        uploads.labels("too_large").inc()
-        raise PayloadTooLarge(f"upload larger than {cap} bytes")
-    with counted_publish(uploads) as outcome, registry.store.staging() as staging:
-        version, outcome.created = await _receive_and_publish(request, registry, staging, boundary, cap)
+    with counted_publish(uploads) as outcome:
+        if length.isdigit() and int(length) > cap:
+            raise PayloadTooLarge(f"upload larger than {cap} bytes")
+        with registry.store.staging() as staging:
+            version, outcome.created = await _receive_and_publish(request, registry, staging, boundary, cap)
     if not outcome.created:
         response.status_code = 200
     return {**_version_out(registry, version), "current": True}
