@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from adapters.bases import default_cache_dir
+
 REPO = Path(__file__).resolve().parent.parent
 PREPARED = REPO / ".gpu"
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -302,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="copy the base's config and tokenizer into .gpu/ (run here)")
-    prep.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                      / "adaptserve")
+    prep.add_argument("--cache-dir", type=Path, default=default_cache_dir().parent)
     run = sub.add_parser("check", help="run the checklist on the device torch sees (run there)")
     run.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
     run.add_argument("--bench", action="store_true", help="also a shortened `adaptserve bench` (about 4 minutes)")

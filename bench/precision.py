@@ -16,19 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from adapters.bases import default_cache_dir
 from bench.load import QUESTIONS, TOPICS
-from bench.run import REPO_ROOT, RESULTS_DIR, free_port, server_process
+from bench.run import REPO_ROOT, RESULTS_DIR, free_port, log, server_process
 
 PRECISIONS = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("auto", "int8")}
 NEW_TOKENS = 32
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def prompts() -> list[tuple[str | None, list[dict] | None]]:
@@ -109,7 +105,7 @@ def served_metrics(name: str, dtype: str, quantize: str, workdir: Path) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "adaptserve")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir().parent)
     parser.add_argument("--skip-served", action="store_true", help="only the engine-level comparison")
     parser.add_argument("--output", type=Path, default=None)
     options = parser.parse_args(argv)

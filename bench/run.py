@@ -18,7 +18,7 @@ Scenarios (C concurrent closed-loop clients, K distinct adapters):
 PEFT LoRAs made for the base in a temporary store, plus the shipped example `date-iso` in (d).
 
     adaptserve bench --quick      # one round, ~12 minutes on 2 cores
-    adaptserve bench              # three interleaved rounds, ~35 minutes
+    adaptserve bench              # three interleaved rounds, ~36 minutes
 """
 
 from __future__ import annotations
@@ -404,16 +404,15 @@ def plan_scenarios(options: argparse.Namespace, adapters: Adapters) -> list[Scen
     if "c" in wanted:
         plan.append(ours("c: K=1", essay(adapters.random[:1])))
         plan.append(ours(f"c: K={options.many_adapters}", essay(adapters.random[: options.many_adapters])))
+    natural = dict(max_new_tokens=options.chat_max_new_tokens, stagger=False)  # (d), (e): answers end at EOS
     if "d" in wanted:
         chat = RequestMix(tuple(adapters.chat), questions=QUESTIONS)
-        natural = dict(max_new_tokens=options.chat_max_new_tokens, stagger=False)
         plan.append(Scenario(f"d: naive chat K={options.adapters}", "naive", chat, options.naive_measure,
                              options.naive_warmup, **natural))
         plan.append(ours(f"d: chat K={options.adapters}", chat, **natural))
     if "e" in wanted:
         systems = {name: tenant_system_prompt(i, options.system_prompt_tokens) for i, name in enumerate(adapters.tenants)}
         tenants = RequestMix(tuple(adapters.tenants), questions=QUESTIONS, system_prompts=systems)
-        natural = dict(max_new_tokens=options.chat_max_new_tokens, stagger=False)
         plan.append(ours("e: prefix cache on", tenants, **natural))
         plan.append(ours("e: prefix cache off", tenants, "adaptserve-no-prefix-cache", **natural))
     if "p" in wanted:
