@@ -555,7 +555,7 @@ class TorchEngine(SlotTableEngine):
         slot_of: dict[str, int] = {}
         try:
             for key, binding in by_key.items():  # each adapter once; held so a later one cannot take its slot
-                slot_of[key] = self.load_adapter(binding)
+                slot_of[key] = self.slot_without_waiting(binding)
                 self.slots.users[key] += 1
             return self._classify_rows(items, [slot_of[item.adapter.key] for item in items])
         finally:

@@ -21,6 +21,7 @@ import torch
 
 from adapters.package import AdapterPackage
 from server.contract import AdapterBinding, DeviceTierActivity
+from server.errors import AdapterLoadFailed
 
 Head = tuple[torch.Tensor, torch.Tensor | None, tuple[str, ...]]  # weight [labels, hidden], bias, label names
 
@@ -167,3 +168,13 @@ class SlotTableEngine:
 
     def resident_adapters(self) -> dict[str, bool]:
         return self.slots.resident()
+
+    def slot_without_waiting(self, adapter: AdapterBinding) -> int:
+        """The adapter's slot for a classify batch, which has no queue to wait in: with every
+        slot held (pinned, or by this batch) the caller is told to retry."""
+        try:
+            return self.slots.load(adapter)
+        except NoFreeSlot as exc:
+            raise AdapterLoadFailed(f"all {self.slots.count} adapter slots are held (pinned, or in this batch); "
+                                    f"{adapter.name}@{adapter.version} cannot be loaded", param="adapter",
+                                    headers={"Retry-After": "5"}) from exc

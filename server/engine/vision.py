@@ -54,8 +54,7 @@ from server.contract import (
     TokenEvent,
 )
 from server.engine.base import BaseModelError, pick_device, pick_dtype
-from server.engine.slots import AdapterSlots, NoFreeSlot, SlotTableEngine
-from server.errors import AdapterLoadFailed
+from server.engine.slots import AdapterSlots, SlotTableEngine
 
 logger = logging.getLogger(__name__)
 
@@ -309,13 +308,7 @@ class VisionEngine(SlotTableEngine):
     # --- adapters -------------------------------------------------------------------------
 
     def load_adapter(self, adapter: AdapterBinding) -> int:
-        try:
-            return self.slots.load(adapter)
-        except NoFreeSlot as exc:
-            # Classification has no queue to wait in: the caller retries.
-            raise AdapterLoadFailed(f"all {self.slots.count} adapter slots are held (pinned, or in this batch); "
-                                    f"{adapter.name}@{adapter.version} cannot be loaded", param="adapter",
-                                    headers={"Retry-After": "5"}) from exc
+        return self.slot_without_waiting(adapter)  # a vision engine only classifies
 
     def _copy_in(self, slot: int, package: AdapterPackage) -> None:
         for name, weights in package.modules.items():

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from adapters.validate import load_adapter_dir
-from server.contract import AdapterBinding, GenerationRequest, SamplingParams
+from server.contract import AdapterBinding, ClassifyItem, GenerationRequest, SamplingParams
 from server.engine.base import load_base
 from server.engine.engine import MAX_SLOTS, SLOT_SIZING_RANK, TorchEngine, default_slot_count
+from server.errors import AdapterLoadFailed
 from tests.conftest import make_lora
 
 BATCH = 4
@@ -83,3 +84,15 @@ def test_a_cold_adapter_waits_for_a_slot_without_holding_back_others_and_is_not_
         order.extend(rid for rid in running(engine) if rid not in order)
     assert {"c-cold", "d-cold"} <= set(finished)
     assert order.index("c-cold") < order.index("d-cold")
+
+
+def test_classify_with_every_slot_held_is_told_to_retry(base, bindings, llama_adapters):
+    """A classify batch has no queue to wait in: all slots pinned is a 503 with Retry-After."""
+    engine = TorchEngine(base, BATCH, 512, max_device_adapters=1)
+    engine.load_adapter(bindings[0])
+    assert engine.hold_adapter(bindings[0].key, True)
+    package = load_adapter_dir(llama_adapters["sentiment"], "sentiment", base.signature)
+    sentiment = AdapterBinding("sentiment", package.manifest.version, package.key, package)
+    with pytest.raises(AdapterLoadFailed, match="held") as refused:
+        engine.classify([ClassifyItem("i love it", sentiment)])
+    assert refused.value.headers == {"Retry-After": "5"}
