@@ -274,9 +274,11 @@ class Registry:
         request never waits here for the engine thread."""
         chosen = self.lookup(ref)
         was_stored = chosen.package is None
+        # Used from the moment it is asked for: an eviction pass that runs while it loads (the
+        # store watcher's) must not take the version a request is waiting on as the oldest one.
+        chosen.last_used = time.time()
         package = await self._ensure_cpu(chosen)
         chosen.requests += 1
-        chosen.last_used = time.time()
         manifest = package.manifest
         binding = AdapterBinding(manifest.name, manifest.version, manifest.sha256, package)
         if was_stored:

@@ -136,3 +136,34 @@ def test_lifecycle_metrics_count_what_each_step_did(server, client, sources):
     assert step(unload) == {"cache_evictions_total[cpu]": 1, "cache_evictions_total[device]": 1}
     assert metric(client, "vllm:lora_adapter_loaded", adapter_name="metrics-probe") == 0
     assert metric(client, "adaptserve_adapters_resident", tier="device") == len(resident) - 1
+
+
+def test_a_version_loading_for_a_request_is_not_the_one_an_eviction_pass_takes(server, client, sources, budgets,
+                                                                                monkeypatch):
+    """The store watcher's pass can run between a version's read and the request resuming; it
+    must evict the older version, not the one just read for a waiting request (CI once saw
+    exactly that: the fresh version dropped, the stale one kept)."""
+    registry, engine = budgets
+    for adapter in client.get("/v1/adapters", headers=ADMIN_HEADERS).json()["adapters"]:
+        assert client.post(f"/v1/adapters/{adapter['name']}/unload", headers=ADMIN_HEADERS).status_code == 200
+    for name, key in (("race-old", "v1"), ("race-new", "v2")):
+        assert upload(client, name, sources[key]).status_code == 201
+        assert client.post(f"/v1/adapters/{name}/unload", headers=ADMIN_HEADERS).status_code == 200
+    use(client, "race-old")
+    size = registry.lookup("race-old").package.nbytes  # both sources have the same shapes
+    registry.cpu_budget_bytes = size
+    engine.device_budget_bytes = size
+
+    read = registry._load
+
+    async def read_then_a_watcher_pass(chosen):
+        package = await read(chosen)
+        await registry._enforce()
+        return package
+
+    monkeypatch.setattr(registry, "_load", read_then_a_watcher_pass)
+    use(client, "race-new")
+    assert registry.lookup("race-new").package is not None
+    assert registry.lookup("race-old").package is None
+    assert {k: v for k, v in table(client).items() if k.startswith("race-")} == {"race-old": "stored",
+                                                                                "race-new": "device"}
