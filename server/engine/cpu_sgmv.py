@@ -14,11 +14,11 @@ remains is reading the adapters (at 8 adapters ~117 MB per step in float32, a fi
 the base model's bytes) and, for one adapter, the arithmetic.
 
 Segments run one after another on the calling thread, except from PARALLEL_FROM_SEGMENTS
-distinct adapters on, with numba's OpenMP (or TBB) threading layer: there a step reads so
-many adapter bytes that both cores' memory bandwidth pays for the second thread (decode
-step at 32 adapters: 141 -> 124 ms). At 8 adapters it made no difference, and each
-parallel call is a wake-up that other work on the machine (the event loop, clients) can
-delay, so fewer adapters stay serial.
+distinct adapters on, where numba_parallel's gate allows it: there a step reads so many
+adapter bytes that both cores' memory bandwidth pays for the second thread (decode step at
+32 adapters: 141 -> 124 ms). At 8 adapters it made no difference, and each parallel call is
+a wake-up that other work on the machine (the event loop, clients) can delay, so fewer
+adapters stay serial.
 
 Used only where it applies (CPU, float32 or bfloat16 activations, contiguous rows); the
 torch band in lora.py covers everything else (CUDA, classify batches).
@@ -26,10 +26,10 @@ torch band in lora.py covers everything else (CUDA, classify batches).
 
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
+
+from server.engine.numba_parallel import GATE
 
 # Vectorised reductions need reassociation and FMA contraction; NaN/Inf semantics are kept.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
@@ -106,25 +106,15 @@ def _parallel(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, seg
 PARALLEL_FROM_SEGMENTS = 16
 
 
-# numba's default threading layer (workqueue) must not be entered by two threads at once,
-# which two engines in one process (tests, tools) could do; the second one runs serially.
-_parallel_lock = threading.Lock()
-_parallel_pays = False  # set by warm_up()
-
-
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) both drivers now, so the first adapter
-    request does not wait ~3 s for it, and see which threading layer numba picked."""
-    global _parallel_pays
+    request does not wait ~3 s for it, and let the gate see which threading layer numba picked."""
     x = np.zeros((1, 4), dtype=np.float32)
     pool = np.zeros((2, 1, 4), dtype=np.float32)
     ranks, starts, units = np.array([0, 1]), np.array([0, 1]), np.array([0])
     _serial(x, x.copy(), pool, pool, ranks, np.array([1]), starts, units)
     _parallel(x, x.copy(), pool, pool, ranks, np.array([1]), starts, units)
-    # OpenMP (libgomp) or TBB threads wait for work briefly and cheaply. numba's fallback
-    # layer (workqueue: no libgomp on the machine) wakes its threads for every call; at
-    # 32 adapters that made a decode step slower than the serial loop (167-185 vs 135-190 ms).
-    _parallel_pays = numba.threading_layer() != "workqueue"
+    GATE.calibrate()
 
 
 def add_segment_lora(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units,
@@ -138,11 +128,4 @@ def add_segment_lora(x, out, pool_a, pool_bt, ranks, segment_slots, segment_star
     """
     args = (x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units)
     many = segment_slots.shape[0] >= PARALLEL_FROM_SEGMENTS
-    if many and threads > 1 and _parallel_pays and _parallel_lock.acquire(blocking=False):
-        try:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
-            _parallel(*args)
-        finally:
-            _parallel_lock.release()
-    else:
-        _serial(*args)
+    GATE.run(_parallel, _serial, args, threads if many else 1)

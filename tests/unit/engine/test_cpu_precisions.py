@@ -15,6 +15,7 @@ two near-tied logits may flip under any bf16 rounding.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -25,6 +26,7 @@ from server.contract import AdapterBinding, GenerationRequest, SamplingParams
 from server.engine.base import load_base
 from server.engine.cpu_int8 import WIDEN_FROM_ROWS, Int8Linear
 from server.engine.engine import TorchEngine
+from server.engine.numba_parallel import GATE
 from server.engine.onednn import cpu_has_bf16
 
 WORDS = "the quick brown fox jumps over the lazy dog while seven tired cats watch from an old wall"
@@ -128,3 +130,34 @@ def test_bf16_prompt_logprobs_within_bf16_rounding_of_peft_bf16(tiny_llama, llam
         base_model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).eval()
         _, base_logprobs = reference(base_model, prompt)
         assert max(abs(a - b) for a, b in zip(logprobs, base_logprobs)) > 1.0
+
+
+def test_int8_kernel_goes_serial_while_another_thread_is_in_a_parallel_driver(monkeypatch):
+    """numba's workqueue layer must not be entered by two threads at once, whichever kernel
+    each runs: with the process-wide gate held (another engine inside the LoRA kernel, say),
+    the int8 matmul runs its serial driver, and both drivers give the same result."""
+    from server.engine import cpu_int8_kernel
+
+    cpu_int8_kernel.warm_up()
+    generator = np.random.default_rng(0)
+    x = generator.standard_normal((3, 40)).astype(np.float32)
+    weight = generator.integers(-127, 128, (10, 40)).astype(np.int8)
+    scale = generator.random(10).astype(np.float32)
+    expected = (x.astype(np.float64) @ weight.T.astype(np.float64)) * scale
+    parallel_calls = []
+    parallel = cpu_int8_kernel._parallel
+    monkeypatch.setattr(cpu_int8_kernel, "_parallel", lambda *args: (parallel_calls.append(1), parallel(*args)))
+    monkeypatch.setattr(GATE, "pays", True)
+
+    free = np.zeros((3, 10), np.float32)
+    cpu_int8_kernel.matmul(x, weight, scale, free, threads=2)
+    assert len(parallel_calls) == 1
+    with GATE._lock:
+        held = np.zeros((3, 10), np.float32)
+        cpu_int8_kernel.matmul(x, weight, scale, held, threads=2)
+    assert len(parallel_calls) == 1
+    one_thread = np.zeros((3, 10), np.float32)
+    cpu_int8_kernel.matmul(x, weight, scale, one_thread, threads=1)
+    assert len(parallel_calls) == 1
+    for out in (free, held, one_thread):
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)

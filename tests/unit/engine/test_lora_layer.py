@@ -10,6 +10,7 @@ from torch import nn
 from adapters.package import LoraModule
 from server.engine import cpu_sgmv
 from server.engine.cpu_threads import ThreadPolicy
+from server.engine.numba_parallel import GATE
 from server.engine.lora import ActivePositions, LoRABatchPlan, LoRAContext, LoRASegments, SlotLoRALinear, slot_tensors
 from server.engine.onednn import OneDNNLinear, can_pack
 
@@ -193,13 +194,13 @@ def test_many_adapters_run_on_both_threads_with_the_serial_result_and_never_reen
     cpu_sgmv.add_segment_lora(x, parallel, *args, threads=2)
     np.testing.assert_array_equal(parallel, serial)
     # Without OpenMP/TBB (numba's workqueue layer) the serial loop is the faster one.
-    assert len(parallel_calls) == (1 if cpu_sgmv._parallel_pays else 0)
+    assert len(parallel_calls) == (1 if GATE.pays else 0)
 
-    with cpu_sgmv._parallel_lock:
+    with GATE._lock:  # another thread inside a parallel driver
         while_held = np.zeros_like(serial)
         cpu_sgmv.add_segment_lora(x, while_held, *args, threads=2)
     np.testing.assert_array_equal(while_held, serial)
     one_thread = np.zeros_like(serial)
     cpu_sgmv.add_segment_lora(x, one_thread, *args, threads=1)
     np.testing.assert_array_equal(one_thread, serial)
-    assert len(parallel_calls) == (1 if cpu_sgmv._parallel_pays else 0)
+    assert len(parallel_calls) == (1 if GATE.pays else 0)

@@ -1,0 +1,42 @@
+"""When a numba kernel may run its parallel driver instead of its serial one.
+
+numba's parallel drivers share one threading layer per process. OpenMP (libgomp) and TBB
+keep their threads waiting cheaply between calls; the fallback layer, workqueue (no libgomp
+on the machine), wakes its threads for every call, which made a decode step slower than the
+serial loop here (32 adapters: 167-185 vs 135-190 ms), and it must never be entered by two
+threads at once (two engines in one process: tests, tools), whichever kernel each runs.
+So every kernel goes through the one process-wide gate: the parallel driver only where the
+layer pays, the caller may use more than one thread, and no other thread is inside a
+parallel driver; otherwise the serial driver, which gives the same result.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numba
+
+
+class ParallelGate:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.pays = False  # decided by calibrate(), once a parallel driver has run
+
+    def calibrate(self) -> None:
+        """Call after a parallel driver has run once: numba picks its layer on first use."""
+        self.pays = numba.threading_layer() != "workqueue"
+
+    def run(self, parallel: Callable[..., Any], serial: Callable[..., Any], args: tuple, threads: int) -> None:
+        """`threads`: the most the caller may use (the engine's torch thread count)."""
+        if threads > 1 and self.pays and self._lock.acquire(blocking=False):
+            try:
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # per calling thread
+                parallel(*args)
+            finally:
+                self._lock.release()
+        else:
+            serial(*args)
+
+
+GATE = ParallelGate()
