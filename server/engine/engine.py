@@ -73,6 +73,14 @@ def default_slot_count(base: LoadedBase, max_batch_size: int, budget_bytes: int 
     return slots
 
 
+@dataclass
+class _Waiting:
+    request: GenerationRequest
+    since: float  # time.monotonic() of add()
+    # The prompt's prefix-cache block keys, hashed once: a request may wait many steps.
+    prefix_keys: tuple[bytes, ...] | None = None
+
+
 @dataclass(eq=False)
 class _Row:
     request: GenerationRequest
@@ -130,7 +138,7 @@ class TorchEngine(SlotTableEngine):
         self._passthrough_mask = PASSTHROUGH_MASK.to(self.device)
         self.cancelled: dict[str, FinishReason] = {}
         self._stats: dict[str, Any] = {}
-        self.enqueued_at: dict[str, float] = {}  # request id -> time.monotonic() of add()
+        self.queued: dict[str, _Waiting] = {}  # request id -> its record, from add() until it leaves the queue
         # Valid while the rows' slots are unchanged and no slot is (re)loaded: see _lora_plan.
         self._decode_plan: LoRABatchPlan | None = None
         self._decode_plan_slots: list[int] = []
@@ -230,7 +238,7 @@ class TorchEngine(SlotTableEngine):
 
     def add(self, request: GenerationRequest) -> None:
         self.waiting.append(request)
-        self.enqueued_at[request.request_id] = time.monotonic()
+        self.queued[request.request_id] = _Waiting(request, time.monotonic())
 
     def cancel(self, request_id: str, reason: FinishReason) -> None:
         # Only requests still here: a late cancel of a finished one must not linger.
@@ -290,7 +298,7 @@ class TorchEngine(SlotTableEngine):
         self.rows = []
         self.kv.reset()
         self.cancelled.clear()
-        self.enqueued_at.clear()
+        self.queued.clear()
         self._update_stats()
         return [TokenEvent(r.request_id, "", (), "error", len(r.prompt_ids), 0, error=error, error_code="engine_error")
                 for r in requests]
@@ -305,7 +313,7 @@ class TorchEngine(SlotTableEngine):
             if reason is None:
                 kept.append(request)
             else:
-                self.enqueued_at.pop(request.request_id, None)
+                self.queued.pop(request.request_id, None)
                 events.append(TokenEvent(request.request_id, "", (), reason, len(request.prompt_ids), 0))
         self.waiting = kept
 
@@ -361,7 +369,7 @@ class TorchEngine(SlotTableEngine):
                         # rather than the whole step and every running row with it.
                         logger.warning("adapter %s@%s failed to load: %s", request.adapter.name,
                                        request.adapter.version, exc)
-                        self.enqueued_at.pop(request.request_id, None)
+                        self.queued.pop(request.request_id, None)
                         events.append(TokenEvent(request.request_id, "", (), "error", len(request.prompt_ids), 0,
                                                  error=f"adapter {request.adapter.name}@{request.adapter.version} "
                                                  f"could not be copied into a device slot: {type(exc).__name__}",
@@ -372,7 +380,8 @@ class TorchEngine(SlotTableEngine):
             params = request.params
             uniforms = None if params.greedy else UniformStream(params.seed)
             row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), uniforms, prefix)
-            row.queue_s = time.monotonic() - self.enqueued_at.pop(request.request_id, time.monotonic())
+            waited = self.queued.pop(request.request_id, None)
+            row.queue_s = time.monotonic() - waited.since if waited is not None else 0.0
             admitted.append(row)
         self.waiting = remaining
         return admitted
@@ -381,7 +390,13 @@ class TorchEngine(SlotTableEngine):
         prefix = self.kv.prefix
         if prefix is None:
             return None
-        match = prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids)
+        waiting = self.queued.get(request.request_id)
+        if waiting is not None and waiting.request is not request:
+            waiting = None  # another request under a reused id: its keys are not this prompt's
+        known = waiting.prefix_keys if waiting is not None else None
+        match = prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids, known)
+        if waiting is not None:
+            waiting.prefix_keys = match.keys
         if request.params.prompt_logprobs is not None:
             # Every prompt position's logits are needed: nothing is read from the cache (what
             # this prompt computes is still stored for later requests).

@@ -21,7 +21,7 @@ off either edge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -56,10 +56,26 @@ class Prefill:
     write_from: int = 0  # first block of the prompt this step stores in the prefix cache
     read: torch.Tensor | None = None  # [cached / BLOCK_TOKENS] prefix-cache blocks (set by begin_step)
     write: torch.Tensor | None = None  # [blocks stored] prefix-cache blocks for blocks write_from...
+    # Built by the first layer that asks, per sliding window (layers may differ in theirs).
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @property
     def computed(self) -> int:
         return self.length - self.cached
+
+    def mask(self, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+        """[computed, length] bool: query i sits at position cached + i and sees keys
+        0 .. cached + i (within the window); None where plain causal attention says it."""
+        if sliding_window not in self._masks:
+            mask = None
+            if self.cached or (sliding_window is not None and self.length > sliding_window):
+                distance = (torch.arange(self.cached, self.length, device=device)[:, None]
+                            - torch.arange(self.length, device=device)[None, :])
+                mask = distance >= 0
+                if sliding_window is not None:
+                    mask &= distance < sliding_window
+            self._masks[sliding_window] = mask
+        return self._masks[sliding_window]
 
 
 @dataclass
@@ -312,14 +328,7 @@ class SlabKVCache:
         if prefill.write is not None:
             stored = slice(prefill.write_from * BLOCK_TOKENS, (prefill.write_from + len(prefill.write)) * BLOCK_TOKENS)
             self.prefix.write(layer, prefill.write, row_keys[:, stored], row_values[:, stored])
-        mask = None
-        if prefill.cached or (sliding_window is not None and prefill.length > sliding_window):
-            # Query i sits at position cached + i and sees keys 0 .. cached + i (within the window).
-            distance = (torch.arange(prefill.cached, prefill.length, device=query.device)[:, None]
-                        - torch.arange(prefill.length, device=query.device)[None, :])  # [computed, length]
-            mask = distance >= 0
-            if sliding_window is not None:
-                mask &= distance < sliding_window
+        mask = prefill.mask(sliding_window, query.device)
         if prefill.cached:
             attended_keys, attended_values = row_keys[None], row_values[None]
         else:  # the prompt's own K/V, as computed (no slab read)

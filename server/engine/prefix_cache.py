@@ -103,12 +103,14 @@ class PrefixCache:
 
     # --- the engine's side (host only) ---------------------------------------------------
 
-    def match(self, root: str, tokens: Sequence[int]) -> PrefixMatch:
-        """How much of `tokens` under `root` is cached (changes nothing)."""
+    def match(self, root: str, tokens: Sequence[int], keys: Sequence[bytes] | None = None) -> PrefixMatch:
+        """How much of `tokens` under `root` is cached (changes nothing). `keys`: what an
+        earlier match of the same root and tokens returned, so a waiting prompt is hashed once."""
         full = len(tokens) // BLOCK_TOKENS
         if not self.enabled or not full:
             return PrefixMatch((), 0)
-        keys = block_keys(root, tokens, full)
+        if keys is None:
+            keys = block_keys(root, tokens, full)
         usable = (len(tokens) - 1) // BLOCK_TOKENS  # the last token is always computed
         hits = 0
         while hits < usable and (block := self.blocks.get(keys[hits])) is not None and block.ready:

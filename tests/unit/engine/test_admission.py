@@ -96,3 +96,26 @@ def test_classify_with_every_slot_held_is_told_to_retry(base, bindings, llama_ad
     with pytest.raises(AdapterLoadFailed, match="held") as refused:
         engine.classify([ClassifyItem("i love it", sentiment)])
     assert refused.value.headers == {"Retry-After": "5"}
+
+
+def test_a_waiting_prompt_is_hashed_for_the_prefix_cache_once_however_long_it_waits(base, bindings, monkeypatch):
+    from server.engine import prefix_cache
+
+    hashed: list[int] = []
+    block_keys = prefix_cache.block_keys
+    monkeypatch.setattr(prefix_cache, "block_keys", lambda root, tokens, blocks: (
+        hashed.append(len(tokens)), block_keys(root, tokens, blocks))[1])
+    a, b, c = bindings[:3]
+    engine = TorchEngine(base, max_batch_size=4, max_prefill_tokens=512, max_device_adapters=2,
+                         prefix_cache_bytes=64 * 1024**2)
+    engine.add(request("a", a, 8))
+    engine.add(request("b", b, 8))
+    engine.step()
+    long_prompt = tuple(range(3, 3 + 40))  # two full blocks
+    engine.add(GenerationRequest("c-cold", long_prompt, SamplingParams(max_new_tokens=2), c))
+    for _ in range(5):  # no free slot: c waits, asked again at every step
+        engine.step()
+        assert "c-cold" not in running(engine)
+    assert hashed.count(len(long_prompt)) == 1
+    while engine.has_work():
+        engine.step()
