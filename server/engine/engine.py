@@ -145,6 +145,7 @@ class TorchEngine(SlotTableEngine):
         self._lora_bytes: dict[str, int] | None = None  # recounted after a load or an eviction
         # Fast tokenizers refuse concurrent calls that change padding/truncation state.
         self.tokenizer_lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}  # token id -> its own text (token_strings)
         self.eos_ids = self._eos_ids()
         self.info = EngineInfo(
             base_id=base.signature.canonical_id,
@@ -209,8 +210,14 @@ class TorchEngine(SlotTableEngine):
 
     def token_strings(self, token_ids: Sequence[int]) -> list[str]:
         # Decoded one by one: a token that is part of a multi-byte character shows as U+FFFD.
-        with self.tokenizer_lock:
-            return [self.tokenizer.decode([token_id]) for token_id in token_ids]
+        # Remembered (at most the vocabulary): logprobs name ~20 tokens per position, mostly the
+        # same few thousand, and this runs on the event loop's thread (~4 us per decode).
+        missing = [token_id for token_id in dict.fromkeys(token_ids) if token_id not in self._token_texts]
+        if missing:
+            with self.tokenizer_lock:
+                for token_id in missing:
+                    self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return [self._token_texts[token_id] for token_id in token_ids]
 
     def decode(self, token_ids: Sequence[int]) -> str:
         with self.tokenizer_lock:
