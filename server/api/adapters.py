@@ -24,7 +24,8 @@ from adapters.archive import extract_adapter, is_archive
 from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
 from adapters.validate import PICKLE_SUFFIXES
 from server.api.deps import AdminDep, ReadyServicesDep
-from server.errors import AdapterRejected, InsufficientStorage, InvalidParameter, PayloadTooLarge
+from server.errors import (AdapterRejected, AdaptserveError, InsufficientStorage, InvalidParameter, PayloadTooLarge,
+                           status_for)
 from server.registry import AdapterEntry, AdapterVersion, Registry, parse_ref
 
 router = APIRouter(tags=["adapters"], dependencies=[AdminDep])
@@ -152,8 +153,10 @@ def counted_publish(uploads) -> Iterator[PublishOutcome]:
     except PayloadTooLarge:
         uploads.labels("too_large").inc()
         raise
-    except AdapterRejected:
-        uploads.labels("rejected").inc()
+    except AdaptserveError as exc:
+        # A refusal the client caused (a bad package, a file link out of the allowed folders)
+        # is not a server error.
+        uploads.labels("rejected" if status_for(exc) < 500 else "error").inc()
         raise
     except OSError as exc:
         uploads.labels("error").inc()

@@ -155,13 +155,24 @@ def _store_files(store: Path) -> dict[str, int]:
     return {str(p.relative_to(store)): p.stat().st_size for p in store.rglob("*") if p.is_file()}
 
 
+def upload_errors(server_process) -> float:
+    """adaptserve_adapter_uploads_total{outcome="error"}: the server's own failures."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server_process.url + "/metrics", timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "adaptserve_adapter_uploads_total" and s.labels.get("outcome") == "error")
+
+
 def test_refused_loads_say_why_and_change_nothing(server_process, admin, outside):
     cases = _refusals(server_process.imports, outside)
     before = (_store_files(server_process.store), admin.get("/v1/adapters").json())
+    errors = upload_errors(server_process)
     for case, (body, status, code) in cases.items():
         response = admin.post("/v1/load_lora_adapter", json=body)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), (case, response.text)
     assert (_store_files(server_process.store), admin.get("/v1/adapters").json()) == before
+    assert upload_errors(server_process) == errors  # every refusal here is the caller's, not the server's
 
     problems = admin.post("/v1/load_lora_adapter", json=cases["invalid"][0]).json()["error"]["details"]
     # Every problem in one answer, as an upload reports them.
