@@ -210,6 +210,11 @@ class LoRAContext:
         self.cpu_kernel = cpu_kernel
 
 
+def _bf16_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's storage as uint16 numpy (numpy has no bfloat16; no copy)."""
+    return tensor.view(torch.int16).numpy().view(np.uint16)
+
+
 class SlotLoRALinear(nn.Module):
     """A base linear layer plus its slice of every resident adapter.
 
@@ -324,15 +329,16 @@ class SlotLoRALinear(nn.Module):
         if plan.segments is not None and self._kernel_applies(units, out_units):
             segments = plan.segments
             rows, out_rows = units.view(-1, self.in_features), out_units.view(-1, self.out_features)
-            # The kernel works in float32 (its pools are float32): a bf16 base's activations
-            # are widened for it and its delta is added back in bf16.
-            delta = out_rows if out_rows.dtype == torch.float32 else torch.zeros(out_rows.shape, dtype=torch.float32)
+            # float32 activations as they are; bf16 ones as their bits, which the kernel widens
+            # itself (its pools and sums are float32) and rounds back into `out`.
+            if rows.dtype == torch.bfloat16 and out_rows.dtype == torch.bfloat16:
+                x, target = _bf16_bits(rows), _bf16_bits(out_rows)
+            else:
+                x, target = rows.float().numpy(), out_rows.numpy()
             self.context.cpu_kernel(
-                rows.float().numpy(), delta.numpy(),
+                x, target,
                 self._pool_a_array, self._pool_bt_array, self.ranks, segments.slots, segments.starts, segments.units,
                 threads=self.context.threads.heavy_threads)
-            if delta is not out_rows:
-                out_rows.add_(delta)
             return
         if plan.band is not None:
             self._add_band(plan.band, units, out_units)
@@ -351,9 +357,10 @@ class SlotLoRALinear(nn.Module):
 
     def _kernel_applies(self, units: torch.Tensor, out_units: torch.Tensor) -> bool:
         """The CPU kernel reads float32 pools (CUDA pools have no numpy view) and contiguous
-        rows of float32 or bfloat16 activations."""
+        rows of float32 activations, or bfloat16 in and out."""
         return (self.context.cpu_kernel is not None and self._pool_a_array is not None
-                and units.dtype in (torch.float32, torch.bfloat16) and out_units.dtype in (torch.float32, torch.bfloat16)
+                and (out_units.dtype == torch.float32 or units.dtype == out_units.dtype == torch.bfloat16)
+                and units.dtype in (torch.float32, torch.bfloat16)
                 and units.is_contiguous() and out_units.is_contiguous())
 
     def _add_band(self, band: LoRABand, units: torch.Tensor, out_units: torch.Tensor) -> None:

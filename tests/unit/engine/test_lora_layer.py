@@ -126,6 +126,49 @@ def test_cpu_kernel_equals_the_formula_for_every_segment_shape(driver):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("driver", ["_serial_bf16", "_parallel_bf16"])
+def test_bf16_kernel_rounds_as_torch_adds_a_float32_delta_into_bf16(driver):
+    """On bf16 bits the kernel must give exactly bf16(out + delta), what `out.add_(delta)`
+    gives a bf16 tensor (round to nearest, ties to even), with the delta the float32 kernel
+    sums: bit for bit, over the same segment shapes; rows of no segment stay untouched."""
+    generator = np.random.default_rng(4)
+    slots, r_cap, n_in, n_out, units = 5, 7, 33, 18, 23
+    ranks = np.array([0, 5, 7, 3, 0], dtype=np.int64)
+    pool_a = np.zeros((slots, r_cap, n_in), dtype=np.float32)
+    pool_bt = np.zeros((slots, r_cap, n_out), dtype=np.float32)
+    for slot, rank in enumerate(ranks):
+        pool_a[slot, :rank] = generator.standard_normal((rank, n_in))
+        pool_bt[slot, :rank] = generator.standard_normal((rank, n_out)) * 0.01  # deltas near an ulp of out
+    groups = [(1, [4]), (2, [0, 9, 3, 17, 11, 6]), (3, list(range(12, 16))), (4, [20, 21]), (1, [1, 2])]
+    segments = LoRASegments.build(groups)
+    x = torch.from_numpy(generator.standard_normal((units, n_in)).astype(np.float32)).bfloat16()
+    out = torch.from_numpy(generator.standard_normal((units, n_out)).astype(np.float32)).bfloat16()
+    delta = torch.zeros(units, n_out)
+    cpu_sgmv._serial(x.float().numpy(), delta.numpy(), pool_a, pool_bt, ranks, segments.slots, segments.starts,
+                     segments.units)
+    expected = out.clone().add_(delta)
+    assert (expected != out).any() and (expected == out).any()  # some deltas round away, some do not
+
+    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
+    got = out.clone()
+    getattr(cpu_sgmv, driver)(bits(x), bits(got), pool_a, pool_bt, ranks, segments.slots, segments.starts,
+                              segments.units)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+    # Exact ties: a delta of half a bf16 step (2^-8 at 1.0) rounds to the even neighbour.
+    x = torch.zeros(1, n_in, dtype=torch.bfloat16)
+    x[0, 0] = 1.0
+    out = torch.tensor([[1.0, 1.0078125] + [0.0] * (n_out - 2)], dtype=torch.bfloat16)  # even, odd mantissa
+    pool_a[1, :] = 0.0
+    pool_a[1, 0, 0] = 1.0
+    pool_bt[1, :] = 0.0
+    pool_bt[1, 0, :2] = 2.0**-8
+    tie = LoRASegments.build([(1, [0])])
+    getattr(cpu_sgmv, driver)(bits(x), bits(out), pool_a, pool_bt, np.array([0, 1, 0, 0, 0]), tie.slots,
+                              tie.starts, tie.units)
+    assert out[0, :2].tolist() == [1.0, 1.015625]
+
+
 def test_active_positions_keep_adapters_in_place_and_fill_the_lowest_free():
     positions = ActivePositions(3)
     assert positions.place({5, 7}) == {5: 0, 7: 1}
