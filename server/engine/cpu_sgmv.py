@@ -176,17 +176,16 @@ def _parallel_bf16(x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts
 PARALLEL_FROM_SEGMENTS = 16
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) every driver now, so the first adapter
-    request does not wait ~3 s for it, and let the gate see which threading layer numba picked."""
-    x = np.zeros((1, 4), dtype=np.float32)
+def warm_up(bf16: bool = False) -> None:
+    """Compile (or load from numba's on-disk cache) the drivers for the engine's activations
+    (float32, or `bf16`) now, so the first adapter request does not wait ~5 s for them (a pod
+    with a fresh cache compiles at every start, so only the pair it runs), and let the gate
+    see which threading layer numba picked."""
     pool = np.zeros((2, 1, 4), dtype=np.float32)
     ranks, starts, units = np.array([0, 1]), np.array([0, 1]), np.array([0])
-    for driver in (_serial, _parallel):
+    x = np.zeros((1, 4), dtype=np.uint16 if bf16 else np.float32)
+    for driver in (_serial_bf16, _parallel_bf16) if bf16 else (_serial, _parallel):
         driver(x, x.copy(), pool, pool, ranks, np.array([1]), starts, units)
-    bits = np.zeros((1, 4), dtype=np.uint16)
-    for driver in (_serial_bf16, _parallel_bf16):
-        driver(bits, bits.copy(), pool, pool, ranks, np.array([1]), starts, units)
     GATE.calibrate()
 
 

@@ -185,7 +185,7 @@ class TorchEngine(SlotTableEngine):
             return None
         from server.engine import cpu_sgmv
 
-        cpu_sgmv.warm_up()
+        cpu_sgmv.warm_up(bf16=base.dtype == torch.bfloat16)
         return cpu_sgmv.add_segment_lora
 
     def _eos_ids(self) -> set[int]:
