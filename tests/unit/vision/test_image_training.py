@@ -18,6 +18,7 @@ from server.engine.vision import VisionEngine, load_vision_base
 from tests.unit.vision.conftest import base_with_head
 from trainer.cli import main as trainer_main
 from trainer.data import DataError
+from trainer import vision
 from trainer.vision import load_image_examples, open_image
 
 
@@ -126,8 +127,12 @@ def test_batchnorm_stays_in_eval_mode_while_training(vision_bases):
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
 
 
-def test_compare_sets_last_n_layers_and_lora_beside_the_linear_probe(trained, vision_bases, tmp_path):
+def test_compare_sets_last_n_layers_and_lora_beside_the_linear_probe(trained, vision_bases, tmp_path, monkeypatch):
     data, _ = trained
+    monkeypatch.setattr(vision, "_PROBES", {}, raising=False)  # none from the runs before this one
+    probes = []
+    fit = vision.linear_probe
+    monkeypatch.setattr(vision, "linear_probe", lambda *args: (probes.append(1), fit(*args))[1])
     code = trainer_main(["compare", str(data), "--task", "image-classify", "--base", str(vision_bases["resnet"]),
                          "-o", str(tmp_path / "cmp"), "--epochs", "1", "--batch-size", "16", "--last-n-layers", "1",
                          "--eval-batch-size", "32", "--threads", "1"])
@@ -138,3 +143,4 @@ def test_compare_sets_last_n_layers_and_lora_beside_the_linear_probe(trained, vi
     # The probe trains the head alone: the fewest parameters of the three.
     assert rows["linear-probe"]["trainable_percent"] < rows["lora"]["trainable_percent"]
     assert "| linear-probe | baseline |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert len(probes) == 1  # fitted for the first method, reused by the second
