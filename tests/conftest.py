@@ -59,15 +59,20 @@ def build_tokenizer(directory: Path):
 def build_tiny_llama(directory: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    return build_tiny_decoder(directory, LlamaConfig, LlamaForCausalLM)
+
+
+def build_tiny_decoder(directory: Path, config_class, model_class, **config_options) -> Path:
+    """A 2-layer random decoder of `model_class` (GQA: 4 heads over 2 KV heads) with the tiny tokenizer."""
     torch.manual_seed(0)
     tokenizer = build_tokenizer(directory)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, **config_options,
     )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     # Random init at 0.02 std gives near-uniform logits; larger weights give varied greedy text.
     with torch.no_grad():
         for p in model.parameters():

@@ -101,20 +101,31 @@ def test_step_segments_group_decode_rows_by_slot_then_list_each_prompt():
     assert plan.segments.units.tolist() == [0, 3, 2, 4, 5, 6, 9, 10]  # the base's units are left out
 
 
-@pytest.mark.parametrize("driver", ["_serial", "_parallel"])
-def test_cpu_kernel_equals_the_formula_for_every_segment_shape(driver):
-    """Ranks that are not multiples of four, a rank of 0 (adapter skips the layer), lone rows,
-    blocks of four with a remainder, units in any order; rows of no segment stay untouched."""
-    generator = np.random.default_rng(3)
-    slots, r_cap, n_in, n_out, units = 5, 7, 33, 18, 23
+SHAPES_UNITS = 23
+
+
+def segment_shapes(generator, b_scale: float = 1.0):
+    """Ranks that are not multiples of four, a rank of 0 (the adapter skips the layer), lone
+    rows, blocks of four with a remainder, units in any order, units of no segment:
+    (ranks, pool_a, pool_bt, groups, segments) over SHAPES_UNITS units of 33 in, 18 out."""
+    slots, r_cap, n_in, n_out = 5, 7, 33, 18
     ranks = np.array([0, 5, 7, 3, 0], dtype=np.int64)
     pool_a = np.zeros((slots, r_cap, n_in), dtype=np.float32)
     pool_bt = np.zeros((slots, r_cap, n_out), dtype=np.float32)
     for slot, rank in enumerate(ranks):
         pool_a[slot, :rank] = generator.standard_normal((rank, n_in))
-        pool_bt[slot, :rank] = generator.standard_normal((rank, n_out))
+        pool_bt[slot, :rank] = generator.standard_normal((rank, n_out)) * b_scale
     groups = [(1, [4]), (2, [0, 9, 3, 17, 11, 6]), (3, list(range(12, 16))), (4, [20, 21]), (1, [1, 2])]
-    segments = LoRASegments.build(groups)
+    return ranks, pool_a, pool_bt, groups, LoRASegments.build(groups)
+
+
+@pytest.mark.parametrize("driver", ["_serial", "_parallel"])
+def test_cpu_kernel_equals_the_formula_for_every_segment_shape(driver):
+    """Ranks that are not multiples of four, a rank of 0 (adapter skips the layer), lone rows,
+    blocks of four with a remainder, units in any order; rows of no segment stay untouched."""
+    generator = np.random.default_rng(3)
+    ranks, pool_a, pool_bt, groups, segments = segment_shapes(generator)
+    units, n_in, n_out = SHAPES_UNITS, pool_a.shape[2], pool_bt.shape[2]
     x = generator.standard_normal((units, n_in)).astype(np.float32)
     out = generator.standard_normal((units, n_out)).astype(np.float32)
     expected = out.astype(np.float64)
@@ -132,15 +143,8 @@ def test_bf16_kernel_rounds_as_torch_adds_a_float32_delta_into_bf16(driver):
     gives a bf16 tensor (round to nearest, ties to even), with the delta the float32 kernel
     sums: bit for bit, over the same segment shapes; rows of no segment stay untouched."""
     generator = np.random.default_rng(4)
-    slots, r_cap, n_in, n_out, units = 5, 7, 33, 18, 23
-    ranks = np.array([0, 5, 7, 3, 0], dtype=np.int64)
-    pool_a = np.zeros((slots, r_cap, n_in), dtype=np.float32)
-    pool_bt = np.zeros((slots, r_cap, n_out), dtype=np.float32)
-    for slot, rank in enumerate(ranks):
-        pool_a[slot, :rank] = generator.standard_normal((rank, n_in))
-        pool_bt[slot, :rank] = generator.standard_normal((rank, n_out)) * 0.01  # deltas near an ulp of out
-    groups = [(1, [4]), (2, [0, 9, 3, 17, 11, 6]), (3, list(range(12, 16))), (4, [20, 21]), (1, [1, 2])]
-    segments = LoRASegments.build(groups)
+    ranks, pool_a, pool_bt, groups, segments = segment_shapes(generator, b_scale=0.01)  # deltas near an ulp of out
+    units, n_in, n_out = SHAPES_UNITS, pool_a.shape[2], pool_bt.shape[2]
     x = torch.from_numpy(generator.standard_normal((units, n_in)).astype(np.float32)).bfloat16()
     out = torch.from_numpy(generator.standard_normal((units, n_out)).astype(np.float32)).bfloat16()
     delta = torch.zeros(units, n_out)

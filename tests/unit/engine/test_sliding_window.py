@@ -11,29 +11,15 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from server.contract import GenerationRequest, SamplingParams
 from server.engine.base import load_base
 from server.engine.engine import TorchEngine
-from tests.conftest import build_tokenizer
+from tests.conftest import build_tiny_decoder
 
 WINDOW = 8
 
 
 @pytest.fixture(scope="module")
 def tiny_mistral(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-mistral")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(directory)
-    config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=WINDOW,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-    )
-    model = MistralForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)  # varied greedy text, as for the tiny llama
-    model.save_pretrained(directory)
-    return directory
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny-mistral"), MistralConfig, MistralForCausalLM,
+                              sliding_window=WINDOW)
 
 
 def test_sliding_window_attention_equals_transformers(tiny_mistral, tmp_path):
