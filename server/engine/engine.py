@@ -75,6 +75,8 @@ def default_slot_count(base: LoadedBase, max_batch_size: int, budget_bytes: int 
 
 @dataclass
 class _Waiting:
+    """A request in the queue, from add() until it is admitted or leaves."""
+
     request: GenerationRequest
     since: float  # time.monotonic() of add()
     # The prompt's prefix-cache block keys, hashed once: a request may wait many steps.
@@ -120,7 +122,7 @@ class TorchEngine(SlotTableEngine):
         self.layers = inject_slot_lora(base.backbone, max_device_adapters, self.context)
         self.slots = AdapterSlots(max_device_adapters, self.device, device_budget_bytes, self._copy_in,
                                   self._clear_slot, self._slots_changed)
-        self.waiting: collections.deque[GenerationRequest] = collections.deque()
+        self.waiting: collections.deque[_Waiting] = collections.deque()
         self.rows: list[_Row] = []  # row i of the batch is row i of the KV cache
         kv_dtype = torch.float32 if self.device.type == "cpu" else base.dtype  # see SlabKVCache.dtype
         prefix = None
@@ -138,7 +140,6 @@ class TorchEngine(SlotTableEngine):
         self._passthrough_mask = PASSTHROUGH_MASK.to(self.device)
         self.cancelled: dict[str, FinishReason] = {}
         self._stats: dict[str, Any] = {}
-        self.queued: dict[str, _Waiting] = {}  # request id -> its record, from add() until it leaves the queue
         # Valid while the rows' slots are unchanged and no slot is (re)loaded: see _lora_plan.
         self._decode_plan: LoRABatchPlan | None = None
         self._decode_plan_slots: list[int] = []
@@ -244,12 +245,11 @@ class TorchEngine(SlotTableEngine):
     # --- generation ---------------------------------------------------------------------
 
     def add(self, request: GenerationRequest) -> None:
-        self.waiting.append(request)
-        self.queued[request.request_id] = _Waiting(request, time.monotonic())
+        self.waiting.append(_Waiting(request, time.monotonic()))
 
     def cancel(self, request_id: str, reason: FinishReason) -> None:
         # Only requests still here: a late cancel of a finished one must not linger.
-        known = any(r.request_id == request_id for r in self.waiting) or any(
+        known = any(w.request.request_id == request_id for w in self.waiting) or any(
             row.request.request_id == request_id for row in self.rows
         )
         if known:
@@ -281,7 +281,7 @@ class TorchEngine(SlotTableEngine):
             "kv_tokens": self.kv.tokens(),
             "kv_capacity_tokens": self.max_batch_size * self.base.max_context,
             "running_adapters": sorted({r.request.adapter.name for r in self.rows if r.request.adapter}),
-            "waiting_adapters": sorted({r.adapter.name for r in self.waiting if r.adapter}),
+            "waiting_adapters": sorted({w.request.adapter.name for w in self.waiting if w.request.adapter}),
             "resident_adapter_keys": list(self.slots.by_key),
         }
 
@@ -297,7 +297,7 @@ class TorchEngine(SlotTableEngine):
         return events
 
     def abort_all(self, error: str) -> list[TokenEvent]:
-        requests = list(self.waiting) + [row.request for row in self.rows]
+        requests = [w.request for w in self.waiting] + [row.request for row in self.rows]
         for row in self.rows:
             if row.request.adapter is not None:
                 self.slots.users[row.request.adapter.key] -= 1
@@ -305,22 +305,21 @@ class TorchEngine(SlotTableEngine):
         self.rows = []
         self.kv.reset()
         self.cancelled.clear()
-        self.queued.clear()
         self._update_stats()
         return [TokenEvent(r.request_id, "", (), "error", len(r.prompt_ids), 0, error=error, error_code="engine_error")
                 for r in requests]
 
     def _drop_cancelled_waiting(self, events: list[TokenEvent]) -> None:
         now = time.monotonic()
-        kept: collections.deque[GenerationRequest] = collections.deque()
-        for request in self.waiting:
+        kept: collections.deque[_Waiting] = collections.deque()
+        for waiting in self.waiting:
+            request = waiting.request
             reason = self.cancelled.pop(request.request_id, None)
             if reason is None and request.deadline is not None and now > request.deadline:
                 reason = "timeout"
             if reason is None:
-                kept.append(request)
+                kept.append(waiting)
             else:
-                self.queued.pop(request.request_id, None)
                 events.append(TokenEvent(request.request_id, "", (), reason, len(request.prompt_ids), 0))
         self.waiting = kept
 
@@ -344,17 +343,18 @@ class TorchEngine(SlotTableEngine):
         """
         admitted: list[_Row] = []
         budget = self.max_prefill_tokens
-        remaining: collections.deque[GenerationRequest] = collections.deque()
+        remaining: collections.deque[_Waiting] = collections.deque()
         full = slot_wait = False
-        for request in self.waiting:
+        for waiting in self.waiting:
+            request = waiting.request
             if full or len(self.rows) + len(admitted) >= self.max_batch_size:
-                remaining.append(request)
+                remaining.append(waiting)
                 continue
-            prefix = self._prefix_match(request)
+            prefix = self._prefix_match(waiting)
             cost = len(request.prompt_ids) - (prefix.cached_tokens if prefix else 0)
             if admitted and cost > budget:
                 full = True  # arrival order is kept under the token budget
-                remaining.append(request)
+                remaining.append(waiting)
                 continue
             slot = 0
             if request.adapter is not None:
@@ -363,20 +363,19 @@ class TorchEngine(SlotTableEngine):
                     self.slots.activity.count("hits")
                 else:
                     if slot_wait:
-                        remaining.append(request)
+                        remaining.append(waiting)
                         continue
                     try:
                         slot = self.load_adapter(request.adapter)
                     except NoFreeSlot:
                         slot_wait = True  # waits until a running row releases its adapter
-                        remaining.append(request)
+                        remaining.append(waiting)
                         continue
                     except Exception as exc:
                         # This request's adapter cannot be loaded (out of memory): fail it alone,
                         # rather than the whole step and every running row with it.
                         logger.warning("adapter %s@%s failed to load: %s", request.adapter.name,
                                        request.adapter.version, exc)
-                        self.queued.pop(request.request_id, None)
                         events.append(TokenEvent(request.request_id, "", (), "error", len(request.prompt_ids), 0,
                                                  error=f"adapter {request.adapter.name}@{request.adapter.version} "
                                                  f"could not be copied into a device slot: {type(exc).__name__}",
@@ -387,23 +386,19 @@ class TorchEngine(SlotTableEngine):
             params = request.params
             uniforms = None if params.greedy else UniformStream(params.seed)
             row = _Row(request, slot, Detokenizer(self.tokenizer, params.stop), uniforms, prefix)
-            waited = self.queued.pop(request.request_id, None)
-            row.queue_s = time.monotonic() - waited.since if waited is not None else 0.0
+            row.queue_s = time.monotonic() - waiting.since
             admitted.append(row)
         self.waiting = remaining
         return admitted
 
-    def _prefix_match(self, request: GenerationRequest) -> PrefixMatch | None:
+    def _prefix_match(self, waiting: _Waiting) -> PrefixMatch | None:
         prefix = self.kv.prefix
         if prefix is None:
             return None
-        waiting = self.queued.get(request.request_id)
-        if waiting is not None and waiting.request is not request:
-            waiting = None  # another request under a reused id: its keys are not this prompt's
-        known = waiting.prefix_keys if waiting is not None else None
-        match = prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids, known)
-        if waiting is not None:
-            waiting.prefix_keys = match.keys
+        request = waiting.request
+        match = prefix.match(request.adapter.key if request.adapter is not None else "", request.prompt_ids,
+                             waiting.prefix_keys)
+        waiting.prefix_keys = match.keys
         if request.params.prompt_logprobs is not None:
             # Every prompt position's logits are needed: nothing is read from the cache (what
             # this prompt computes is still stored for later requests).
