@@ -202,6 +202,6 @@ def add_segment_lora(x, out, pool_a, pool_bt, ranks, segment_slots, segment_star
     args = (x, out, pool_a, pool_bt, ranks, segment_slots, segment_starts, segment_units)
     many = segment_slots.shape[0] >= PARALLEL_FROM_SEGMENTS
     if x.dtype == np.uint16:
-        GATE.run(_parallel_bf16, _serial_bf16, args, threads if many else 1)
+        GATE.run(_parallel_bf16, _serial_bf16, args, threads if many else 1, small_calls=True)
     else:
-        GATE.run(_parallel, _serial, args, threads if many else 1)
+        GATE.run(_parallel, _serial, args, threads if many else 1, small_calls=True)

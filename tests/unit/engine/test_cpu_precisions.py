@@ -147,7 +147,7 @@ def test_int8_kernel_goes_serial_while_another_thread_is_in_a_parallel_driver(mo
     parallel_calls = []
     parallel = cpu_int8_kernel._parallel
     monkeypatch.setattr(cpu_int8_kernel, "_parallel", lambda *args: (parallel_calls.append(1), parallel(*args)))
-    monkeypatch.setattr(GATE, "pays", True)
+    monkeypatch.setattr(GATE, "wakeups_cheap", True)
 
     free = np.zeros((3, 10), np.float32)
     cpu_int8_kernel.matmul(x, weight, scale, free, threads=2)

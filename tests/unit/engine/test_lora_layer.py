@@ -241,7 +241,7 @@ def test_many_adapters_run_on_both_threads_with_the_serial_result_and_never_reen
     cpu_sgmv.add_segment_lora(x, parallel, *args, threads=2)
     np.testing.assert_array_equal(parallel, serial)
     # Without OpenMP/TBB (numba's workqueue layer) the serial loop is the faster one.
-    assert len(parallel_calls) == (1 if GATE.pays else 0)
+    assert len(parallel_calls) == (1 if GATE.wakeups_cheap else 0)
 
     with GATE._lock:  # another thread inside a parallel driver
         while_held = np.zeros_like(serial)
@@ -250,4 +250,4 @@ def test_many_adapters_run_on_both_threads_with_the_serial_result_and_never_reen
     one_thread = np.zeros_like(serial)
     cpu_sgmv.add_segment_lora(x, one_thread, *args, threads=1)
     np.testing.assert_array_equal(one_thread, serial)
-    assert len(parallel_calls) == (1 if GATE.pays else 0)
+    assert len(parallel_calls) == (1 if GATE.wakeups_cheap else 0)
