@@ -402,10 +402,14 @@ class Registry:
             if await self.device.evict(key):
                 self.metrics.adapter_cache_evictions.labels("device").inc()
 
+    def resident_keys(self) -> set[str]:
+        """One snapshot of the device's adapter keys, for callers that ask for many versions' tiers."""
+        return set(self.device.resident()) if self.device is not None else set()
+
     def tier(self, version: AdapterVersion, resident: Collection[str] | None = None) -> AdapterTier:
-        """`resident`: the device's adapter keys, when the caller asks for many versions at once."""
+        """`resident`: resident_keys(), when the caller asks for many versions at once."""
         if resident is None:
-            resident = self.device.resident() if self.device is not None else ()
+            resident = self.resident_keys()
         if version.key in resident:
             return AdapterTier.DEVICE
         return AdapterTier.CPU if version.package is not None else AdapterTier.STORED
@@ -415,7 +419,7 @@ class Registry:
         counts = {tier: 0 for tier in AdapterTier}
         sizes = {tier: 0 for tier in AdapterTier}
         m.lora_adapter_loaded.clear()
-        resident = set(self.device.resident()) if self.device is not None else set()  # one snapshot, not one per version
+        resident = self.resident_keys()  # one snapshot, not one per version
         for entry, version in self._versions():
             tier = self.tier(version, resident)
             counts[AdapterTier.STORED] += 1

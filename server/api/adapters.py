@@ -20,8 +20,8 @@ from fastapi import APIRouter, Request, Response
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from adapters.archive import extract_adapter, is_archive
-from adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from adapters.archive import ADAPTER_FILES, extract_adapter, is_archive
+from adapters.manifest import CONFIG_FILE, WEIGHTS_FILE
 from adapters.validate import PICKLE_SUFFIXES
 from server.api.deps import AdminDep, ReadyServicesDep
 from server.errors import (AdapterRejected, AdaptserveError, InsufficientStorage, InvalidParameter, PayloadTooLarge,
@@ -30,7 +30,7 @@ from server.registry import AdapterEntry, AdapterVersion, Registry, parse_ref
 
 router = APIRouter(tags=["adapters"], dependencies=[AdminDep])
 
-UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "config.json")
+UPLOAD_FILES = ADAPTER_FILES  # the files an upload may carry: an archive's, by one definition
 ARCHIVE_NAME = "upload.archive"
 MAX_FIELD_BYTES = 1024  # the only text field is the adapter name
 # Out of space, out of quota, past RLIMIT_FSIZE (Python ignores SIGXFSZ, so writes get EFBIG).
@@ -225,8 +225,9 @@ async def _receive_and_publish(request: Request, registry: Registry, staging: Pa
 @router.get("/v1/adapters")
 async def list_adapters(services: ReadyServicesDep) -> dict:
     registry = services.registry
+    resident = registry.resident_keys()  # one snapshot for every version listed
     return {
-        "adapters": [_entry_out(registry, e) for _, e in sorted(registry.entries.items())],
+        "adapters": [_entry_out(registry, e, resident) for _, e in sorted(registry.entries.items())],
         "rejected": [
             {"name": r.name, "version": r.version, "problems": list(r.problems)}
             for _, r in sorted(registry.rejected.items())
@@ -274,12 +275,12 @@ async def unpin_adapter(name: str, services: ReadyServicesDep) -> dict:
     return _entry_out(services.registry, await services.registry.set_pinned(name, False))
 
 
-def _version_out(registry: Registry, version: AdapterVersion) -> dict:
+def _version_out(registry: Registry, version: AdapterVersion, resident: set[str] | None = None) -> dict:
     m = version.manifest
     out = {
         "name": m.name, "version": m.version, "sha256": m.sha256, "task": m.task, "peft_type": m.peft_type,
         "rank": m.rank, "target_modules": list(m.target_modules), "size_bytes": m.size_bytes,
-        "created_at": m.created_at, "status": registry.tier(version).value, "last_used": version.last_used,
+        "created_at": m.created_at, "status": registry.tier(version, resident).value, "last_used": version.last_used,
         "requests": version.requests, "warnings": list(version.warnings),
     }
     if m.labels is not None:
@@ -289,7 +290,10 @@ def _version_out(registry: Registry, version: AdapterVersion) -> dict:
     return out
 
 
-def _entry_out(registry: Registry, entry: AdapterEntry) -> dict:
+def _entry_out(registry: Registry, entry: AdapterEntry, resident: set[str] | None = None) -> dict:
+    """`resident`: registry.resident_keys(), taken once per response."""
+    if resident is None:
+        resident = registry.resident_keys()
     versions = sorted(entry.versions.values(), key=lambda v: v.manifest.created_at or 0, reverse=True)
     current = entry.versions[entry.current]
     used = [v.last_used for v in versions if v.last_used is not None]
@@ -297,9 +301,9 @@ def _entry_out(registry: Registry, entry: AdapterEntry) -> dict:
         "name": entry.name,
         "current": entry.current,
         "pinned": entry.pinned,
-        "status": registry.tier(current).value,
+        "status": registry.tier(current, resident).value,
         "size_bytes": current.manifest.size_bytes,
         "last_used": max(used) if used else None,
         "requests": sum(v.requests for v in versions),
-        "versions": [_version_out(registry, v) for v in versions],
+        "versions": [_version_out(registry, v, resident) for v in versions],
     }
