@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,9 @@ def compare_methods(config: TrainConfig, methods: Sequence[str]) -> list[dict[st
     root = Path(config.output_dir)
     train = run_training
     if config.task == "image-classify":
-        from trainer.vision import run_image_training as train
+        from trainer.vision import run_image_training
+
+        train = functools.partial(run_image_training, shared=[])  # the first method's probe serves them all
     rows = []
     for index, method in enumerate(methods):
         method_config = dataclasses.replace(

@@ -300,14 +300,15 @@ def images_sha256(examples: Sequence[ImageExample]) -> str:
     return digest.hexdigest()
 
 
-# Probes fitted in this process, by (base path, data digest, labels, seed). `compare` trains
-# every method in one process on the same base and data; the probe (a forward of every image
-# through the base, then the regression: about 5 of the digits example's 11 minutes per
-# method) is fitted once and every method's head starts from it. The probe is only read.
-_PROBES: dict[tuple[str, str, tuple[str, ...], int], tuple[nn.Linear, dict[str, Any]]] = {}
+# The linear probe and its held-out metrics; read only once fitted.
+Baselines = tuple[nn.Linear, dict[str, Any]]
 
 
-def run_image_training(config: TrainConfig) -> TrainingOutcome:
+def run_image_training(config: TrainConfig, shared: list[Baselines] | None = None) -> TrainingOutcome:
+    """`shared`: one compare run's probe, fitted by its first method and reused by the others
+    (same base, data, split and seeds; the probe is a forward of every image through the base
+    and a regression, about 5 of the digits example's 11 minutes per method). Empty: fit and
+    append; None: fit for this run alone."""
     output_dir = start_run(config)
     base = resolve_base(config.base)
     preprocessing = _vision_preprocessing(base)
@@ -324,10 +325,12 @@ def run_image_training(config: TrainConfig) -> TrainingOutcome:
         started = time.perf_counter()
         model = load_image_model(base, data.labels)
         if probe is None:  # one probe for every seed: it is fitted to convergence, not sampled
-            key = (str(base.path), data.sha256, tuple(data.labels), seed)
-            if key not in _PROBES:
-                _PROBES[key] = _baselines(model, train_set, held_out_set, data.labels, config, seed)
-            probe, found = _PROBES[key]
+            if shared:
+                probe, found = shared[0]
+            else:
+                probe, found = _baselines(model, train_set, held_out_set, data.labels, config, seed)
+                if shared is not None:
+                    shared.append((probe, found))
             probe_metrics = dict(found)
         head_linear(model).load_state_dict(probe.state_dict())
         model = apply_image_method(model, config)

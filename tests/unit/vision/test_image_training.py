@@ -129,7 +129,6 @@ def test_batchnorm_stays_in_eval_mode_while_training(vision_bases):
 
 def test_compare_sets_last_n_layers_and_lora_beside_the_linear_probe(trained, vision_bases, tmp_path, monkeypatch):
     data, _ = trained
-    monkeypatch.setattr(vision, "_PROBES", {}, raising=False)  # none from the runs before this one
     probes = []
     fit = vision.linear_probe
     monkeypatch.setattr(vision, "linear_probe", lambda *args: (probes.append(1), fit(*args))[1])
