@@ -20,6 +20,7 @@ from openai import NotFoundError, OpenAI
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import metric
 from tests.e2e.test_replicas import ADMIN
 
 # Several 16-token blocks, so the prefix cache keeps this prompt's KV between requests.
@@ -157,11 +158,8 @@ def _store_files(store: Path) -> dict[str, int]:
 
 def upload_errors(server_process) -> float:
     """adaptserve_adapter_uploads_total{outcome="error"}: the server's own failures."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(server_process.url + "/metrics", timeout=30).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "adaptserve_adapter_uploads_total" and s.labels.get("outcome") == "error")
+    with httpx.Client(base_url=server_process.url, timeout=30) as client:
+        return metric(client, "adaptserve_adapter_uploads_total", outcome="error")
 
 
 def test_refused_loads_say_why_and_change_nothing(server_process, admin, outside):

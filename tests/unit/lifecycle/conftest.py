@@ -76,15 +76,6 @@ def variant(sources, tmp_path) -> Callable[..., Path]:
 
 
 
-def metric(client: httpx.Client, sample: str, **labels: str) -> float:
-    """The value of one sample of this server's /metrics (0 when no series matches yet)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(s.value for family in text_string_to_metric_families(client.get("/metrics").text)
-               for s in family.samples
-               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 def first_key(weights: dict[str, torch.Tensor], part: str) -> str:
     return sorted(k for k in weights if part in k)[0]
 

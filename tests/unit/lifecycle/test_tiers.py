@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import start_server, stop_server, tiny_settings
-from tests.unit.lifecycle.conftest import ADMIN, ADMIN_HEADERS, KEY, KEY_HEADERS, metric, upload
+from tests.conftest import metric, start_server, stop_server, tiny_settings
+from tests.unit.lifecycle.conftest import ADMIN, ADMIN_HEADERS, KEY, KEY_HEADERS, upload
 
 
 def table(client) -> dict[str, str]:

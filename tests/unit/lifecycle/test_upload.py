@@ -10,12 +10,12 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import metric
 from tests.unit.lifecycle.conftest import (
     ADMIN_HEADERS,
     KEY_HEADERS,
     file_parts,
     first_key,
-    metric,
     staging_debris,
     upload,
 )
